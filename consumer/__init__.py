@@ -1,0 +1,1 @@
+"""Kafka-native, memory-frugal CLIP product search."""

@@ -1,0 +1,3 @@
+from consumer.app import main
+
+main()

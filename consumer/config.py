@@ -1,0 +1,82 @@
+"""Typed service configuration from environment variables and an optional ``.env``.
+
+Names are the upper-case field names (``MAX_BATCH_SIZE``, ``CACHE_PRODUCTS`` ...).
+An invalid value fails at start with an error naming the variable.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Role(str, Enum):
+    ALL = "all"
+    INGEST = "ingest"
+    SEARCH = "search"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+
+    role: Role = Role.ALL
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    search_requests_topic: str = "search-requests"
+    product_updates_topic: str = "product-updated"
+    reply_topic: str = Field("search-results", description="default reply topic when a request names none")
+    dead_letter_topic: str = "search-dead-letters"
+    features_topic: str = Field("product-features", description="compacted topic of product features (split roles)")
+    consumer_group_id: str = "clip-search"
+    ingest_group_id: str = "clip-search-ingest"
+    kafka_client_id: str = "clip-search"
+    kafka_session_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
+    kafka_heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
+    kafka_max_request_size: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 10
+    cache_products: bool = True
+    lazy_load_model: bool = True
+    top_k: Annotated[int, Field(ge=1)] = 10
+    max_top_k: Annotated[int, Field(ge=1, le=10_000)] = 100
+    similarity_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+
+    clip_model: str = "openai/clip-vit-base-patch32"
+    torch_num_threads: Annotated[int, Field(ge=1)] | None = None
+    feature_dtype: Literal["float32", "float16", "int8"] = "float32"
+
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 5 * 1024 * 1024
+    max_image_pixels: Annotated[int, Field(ge=1024)] = 40_000_000
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"TOP_K ({self.top_k}) must not exceed MAX_TOP_K ({self.max_top_k})")
+        return self
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+
+class ConfigError(SystemExit):
+    """Raised at start for invalid settings; the message names each bad variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (``overrides`` win); exit with a readable message if invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            var = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

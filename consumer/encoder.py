@@ -1,0 +1,180 @@
+"""CLIP encoder with lazily loaded, independently loaded towers.
+
+``Encoder`` loads the text tower on the first text and the vision tower on the
+first image, each exactly once even when first calls race (loads happen in
+worker threads). Outputs are float32, L2-normalised, one row per input. Heavy
+imports (torch, transformers) happen inside the backend's load, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Tower(Protocol):
+    nbytes: int
+
+    def encode(self, inputs: object) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    """Builds towers for one model; ``load_text`` / ``load_vision`` may be slow and run in threads."""
+
+    name: str
+
+    def load_text(self) -> Tower: ...
+
+    def load_vision(self) -> Tower: ...
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class _Slot:
+    tower: Tower | None = None
+    loads: int = 0
+    load_seconds: float = 0.0
+    last_used: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Encoder:
+    """Text and image embeddings for one CLIP model.
+
+    ``load_counts`` counts completed tower loads (a test can prove a single load);
+    ``tower_bytes`` reports the parameter bytes of each loaded tower.
+    """
+
+    def __init__(self, backend: Backend, model_id: str, random_weights: bool = False) -> None:
+        self.backend = backend
+        self.model_id = model_id
+        self.random_weights = random_weights
+        self._slots = {"text": _Slot(), "vision": _Slot()}
+        if random_weights:
+            log.warning(
+                "MODEL %s HAS RANDOM WEIGHTS: rankings are meaningless except for exact matches", model_id
+            )
+
+    def _tower(self, name: str) -> Tower:
+        slot = self._slots[name]
+        tower = slot.tower
+        if tower is None:
+            with slot.lock:
+                if slot.tower is None:
+                    start = time.perf_counter()
+                    loader = self.backend.load_text if name == "text" else self.backend.load_vision
+                    slot.tower = loader()
+                    slot.load_seconds = time.perf_counter() - start
+                    slot.loads += 1
+                    log.info("loaded %s tower of %s in %.2fs (%s)", name, self.model_id, slot.load_seconds, self.backend.name)
+                tower = slot.tower
+        slot.last_used = time.monotonic()
+        return tower
+
+    def ensure_loaded(self, *towers: str) -> None:
+        for name in towers:
+            self._tower(name)
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return l2_normalise(self._tower("text").encode(texts))
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels``: float32 [n, 3, H, W] from ``consumer.images.clip_pixels``."""
+        if len(pixels) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        return l2_normalise(self._tower("vision").encode(pixels))
+
+    def unload(self, name: str) -> bool:
+        """Drop a loaded tower (it reloads on next use); True if one was loaded."""
+        slot = self._slots[name]
+        with slot.lock:
+            loaded = slot.tower is not None
+            slot.tower = None
+        return loaded
+
+    def idle_seconds(self, name: str) -> float | None:
+        slot = self._slots[name]
+        return None if slot.tower is None else time.monotonic() - slot.last_used
+
+    @property
+    def load_counts(self) -> dict[str, int]:
+        return {name: slot.loads for name, slot in self._slots.items()}
+
+    @property
+    def load_seconds(self) -> dict[str, float]:
+        return {name: slot.load_seconds for name, slot in self._slots.items() if slot.loads}
+
+    @property
+    def tower_bytes(self) -> dict[str, int]:
+        return {name: (slot.tower.nbytes if slot.tower is not None else 0) for name, slot in self._slots.items()}
+
+
+def _import_torch(threads: int | None):
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
+class _TorchText:
+    def __init__(self, model_dir: str, threads: int | None) -> None:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
+
+        self._torch = _import_torch(threads)
+        self.tokenizer = CLIPTokenizerFast.from_pretrained(model_dir)
+        self.model = CLIPTextModelWithProjection.from_pretrained(model_dir).eval()
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with self._torch.inference_mode():
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.text_embeds.float().numpy()
+
+
+class _TorchVision:
+    def __init__(self, model_dir: str, threads: int | None) -> None:
+        from transformers import CLIPVisionModelWithProjection
+
+        self._torch = _import_torch(threads)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self.model(pixel_values=self._torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+        return out.image_embeds.float().numpy()
+
+
+class TorchBackend:
+    """transformers + torch, fp32; ``model`` is a hub id or a local directory (``HF_HUB_OFFLINE`` honoured)."""
+
+    name = "torch"
+
+    def __init__(self, model: str, threads: int | None = None) -> None:
+        self.model = model
+        self.threads = threads
+
+    def load_text(self) -> Tower:
+        return _TorchText(self.model, self.threads)
+
+    def load_vision(self) -> Tower:
+        return _TorchVision(self.model, self.threads)

@@ -1,0 +1,318 @@
+"""From decoded events to outcomes: search batches and product updates.
+
+Nothing here knows about Kafka. Input: raw message values; output: reply or
+dead-letter decisions the transport publishes. CPU-heavy work (encoding,
+ranking) runs in worker threads so the event loop keeps heartbeating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timezone
+from typing import Protocol, Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from consumer.encoder import Encoder
+from consumer.errors import (
+    DeadlineExpired,
+    InputError,
+    InvalidJson,
+    MessageTooLarge,
+    SchemaViolation,
+    UnsupportedSchemaVersion,
+)
+from consumer.feature_index import FeatureIndex, ProductMeta
+from consumer.images import ImageLimits, pixels_from_base64
+from consumer.ranking import Hit, Query, SearchFilter
+from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductUpdated, ResultItem, SearchRequest, SearchResult, Timings
+
+log = logging.getLogger(__name__)
+
+_FILTER_FIELDS = {"category", "min_price", "max_price"}
+
+
+def _load_json(raw: bytes | None, max_bytes: int) -> dict:
+    if raw is None:
+        raise InvalidJson("message has no value")
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"message is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJson(f"value is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SchemaViolation("value must be a JSON object")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise UnsupportedSchemaVersion(f"schema_version {version!r} is not supported (supported: {SCHEMA_VERSION})")
+    return data
+
+
+def _schema_error(exc: ValidationError) -> InputError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "event"
+    msg = f"{where}: {first['msg']}"
+    if exc.error_count() > 1:
+        msg += f" (and {exc.error_count() - 1} more)"
+    return SchemaViolation(msg)
+
+
+def parse_search(raw: bytes | None, max_bytes: int, max_top_k: int) -> SearchRequest:
+    """Decode and validate a search request; raises a typed ``InputError``."""
+    data = _load_json(raw, max_bytes)
+    filters = data.get("filters")
+    if isinstance(filters, dict) and (unknown := set(filters) - _FILTER_FIELDS):
+        raise InputError(f"unknown filters: {sorted(unknown)}; known: {sorted(_FILTER_FIELDS)}", "unknown_filter")
+    if isinstance(data.get("query_text"), str) and not data["query_text"].strip() and not data.get("query_image_b64"):
+        raise InputError("query_text is empty and no query image was given", "empty_query")
+    try:
+        request = SearchRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _schema_error(exc) from None
+    if request.top_k is not None and request.top_k > max_top_k:
+        raise InputError(f"top_k {request.top_k} exceeds the limit {max_top_k}", "top_k_out_of_range")
+    return request
+
+
+def parse_product(raw: bytes | None, max_bytes: int) -> ProductUpdated:
+    """Decode and validate a product update; raises a typed ``InputError``."""
+    data = _load_json(raw, max_bytes)
+    try:
+        return ProductUpdated.model_validate(data)
+    except ValidationError as exc:
+        raise _schema_error(exc) from None
+
+
+def reply_address(raw: bytes | None) -> tuple[str | None, str | None]:
+    """Best-effort (request_id, reply_to) from an invalid request, for its error reply."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    rid, topic = data.get("request_id"), data.get("reply_to")
+    rid = rid if isinstance(rid, str) and 0 < len(rid) <= 128 and rid.isprintable() else None
+    ok_topic = isinstance(topic, str) and 0 < len(topic) <= 249 and all(c.isalnum() or c in "._-" for c in topic)
+    return rid, topic if ok_topic else None
+
+
+def error_reply(request_id: str | None, err: InputError) -> ErrorReply:
+    return ErrorReply(request_id=request_id, error=ErrorDetail(code=err.code, message=err.message))
+
+
+def product_text(update: ProductUpdated) -> str:
+    """The text a product is encoded from when it has no image: name and description joined by '. '."""
+    parts = [p.strip() for p in (update.name, update.description) if p and p.strip()]
+    return ". ".join(parts)
+
+
+class Ranker(Protocol):
+    """Top-k products for a batch of normalised query embeddings."""
+
+    async def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]: ...
+
+
+class IndexRanker:
+    """Ranks against the in-memory ``FeatureIndex`` (cached mode)."""
+
+    def __init__(self, index: FeatureIndex) -> None:
+        self.index = index
+
+    async def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]:
+        return await asyncio.to_thread(self.index.search, queries, params)
+
+
+@dataclass
+class PendingSearch:
+    request: SearchRequest
+    received_at: float
+    """Epoch seconds when the request entered the system (the record timestamp)."""
+
+
+class SearchHandler:
+    """Answers a batch of valid requests with one batched encode per modality and one ranking pass."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        ranker: Ranker,
+        *,
+        default_top_k: int,
+        default_threshold: float,
+        image_limits: ImageLimits,
+        clock=time.time,
+    ) -> None:
+        self.encoder = encoder
+        self.ranker = ranker
+        self.default_top_k = default_top_k
+        self.default_threshold = default_threshold
+        self.image_limits = image_limits
+        self.clock = clock
+
+    def _expired(self, req: SearchRequest, now: float) -> bool:
+        if req.deadline is None:
+            return False
+        deadline = req.deadline if req.deadline.tzinfo else req.deadline.replace(tzinfo=timezone.utc)
+        return deadline.timestamp() <= now
+
+    async def handle(self, batch: list[PendingSearch]) -> list[SearchResult | ErrorReply]:
+        """One outcome per input, in input order; input errors become error replies, never exceptions."""
+        start = self.clock()
+        outcomes: list[SearchResult | ErrorReply | None] = [None] * len(batch)
+        texts: list[tuple[int, str]] = []
+        images: list[tuple[int, np.ndarray]] = []
+        for i, pending in enumerate(batch):
+            req = pending.request
+            if self._expired(req, start):
+                outcomes[i] = error_reply(req.request_id, DeadlineExpired(f"deadline {req.deadline.isoformat()} passed before processing"))
+                continue
+            if req.query_image_b64:
+                try:
+                    images.append((i, await asyncio.to_thread(pixels_from_base64, req.query_image_b64, self.image_limits)))
+                except InputError as err:
+                    outcomes[i] = error_reply(req.request_id, err)
+                    continue
+            if req.query_text and req.query_text.strip():
+                texts.append((i, req.query_text))
+        live = [i for i, o in enumerate(outcomes) if o is None]
+        if not live:
+            return outcomes  # type: ignore[return-value]
+
+        enc_start = self.clock()
+        text_emb = await asyncio.to_thread(self.encoder.encode_text, [t for _, t in texts]) if texts else None
+        img_emb = await asyncio.to_thread(self.encoder.encode_images, np.stack([p for _, p in images])) if images else None
+        dim = (text_emb if text_emb is not None else img_emb).shape[1]
+        queries = np.zeros((len(batch), dim), dtype=np.float32)
+        for emb, rows in ((text_emb, texts), (img_emb, images)):
+            if emb is not None:
+                for (i, _), vec in zip(rows, emb):
+                    queries[i] += vec
+        queries = queries[live]
+        queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        encode_s = self.clock() - enc_start
+
+        params = []
+        for i in live:
+            req = batch[i].request
+            f = req.filters
+            params.append(
+                Query(
+                    top_k=req.top_k or self.default_top_k,
+                    threshold=req.similarity_threshold if req.similarity_threshold is not None else self.default_threshold,
+                    filter=SearchFilter(f.category, f.min_price, f.max_price) if f else None,
+                )
+            )
+        rank_start = self.clock()
+        ranked = await self.ranker.search(queries, params)
+        rank_s = self.clock() - rank_start
+        done = self.clock()
+        for i, hits in zip(live, ranked):
+            pending = batch[i]
+            items = [
+                ResultItem(
+                    rank=r,
+                    product_id=hit.product_id,
+                    score=round(float(hit.score), 6),
+                    name=meta.name,
+                    description=meta.description,
+                    category=meta.category,
+                    price=meta.price,
+                )
+                for r, (hit, meta) in enumerate(hits, start=1)
+            ]
+            outcomes[i] = SearchResult(
+                request_id=pending.request.request_id,
+                items=items,
+                model_id=self.encoder.model_id,
+                random_weights=self.encoder.random_weights,
+                batch_size=len(live),
+                timings=Timings(
+                    queue_ms=max(0.0, (start - pending.received_at) * 1000),
+                    encode_ms=encode_s * 1000,
+                    rank_ms=rank_s * 1000,
+                    total_ms=max(0.0, (done - pending.received_at) * 1000),
+                ),
+            )
+        return outcomes  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ProductOutcome:
+    """What became of one update: ``applied`` (indexed/stored), ``stale`` (older or same version), or an input error."""
+
+    product_id: str
+    version: int
+    status: str
+    error: InputError | None = None
+    feature: np.ndarray | None = None
+
+
+class ProductHandler:
+    """Encodes product updates (image if present, else text) and applies them, newest version wins."""
+
+    def __init__(self, encoder: Encoder, index: FeatureIndex | None, image_limits: ImageLimits) -> None:
+        self.encoder = encoder
+        self.index = index
+        self.image_limits = image_limits
+
+    def _is_stale(self, update: ProductUpdated) -> bool:
+        if self.index is None:
+            return False
+        held = self.index.version_of(update.product_id)
+        return held is not None and held >= update.version
+
+    async def encode(self, updates: Sequence[ProductUpdated]) -> list[np.ndarray | InputError | None]:
+        """Feature per update (None for deletes); image decode errors are returned, not raised."""
+        out: list[np.ndarray | InputError | None] = [None] * len(updates)
+        texts, images = [], []
+        for i, u in enumerate(updates):
+            if u.deleted:
+                continue
+            if u.image_b64:
+                try:
+                    images.append((i, await asyncio.to_thread(pixels_from_base64, u.image_b64, self.image_limits)))
+                except InputError as err:
+                    out[i] = err
+            else:
+                texts.append((i, product_text(u)))
+        if texts:
+            emb = await asyncio.to_thread(self.encoder.encode_text, [t for _, t in texts])
+            for (i, _), vec in zip(texts, emb):
+                out[i] = vec
+        if images:
+            emb = await asyncio.to_thread(self.encoder.encode_images, np.stack([p for _, p in images]))
+            for (i, _), vec in zip(images, emb):
+                out[i] = vec
+        return out
+
+    async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
+        """Apply in order; stale updates are skipped before any encoding."""
+        todo = [u for u in updates if not self._is_stale(u)]
+        features = dict(zip((id(u) for u in todo), await self.encode(todo)))
+        outcomes = []
+        for u in updates:
+            if id(u) not in features:
+                outcomes.append(ProductOutcome(u.product_id, u.version, "stale"))
+                continue
+            feat = features[id(u)]
+            if isinstance(feat, InputError):
+                outcomes.append(ProductOutcome(u.product_id, u.version, "error", error=feat))
+                continue
+            applied = self.apply(u, feat)
+            outcomes.append(ProductOutcome(u.product_id, u.version, "applied" if applied else "stale", feature=feat))
+        return outcomes
+
+    def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
+        if self.index is None:
+            return True
+        if update.deleted:
+            return self.index.delete(update.product_id, update.version)
+        meta = ProductMeta(update.product_id, update.version, update.name, update.description, update.category, update.price)
+        return self.index.upsert(meta, feature)

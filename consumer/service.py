@@ -1,0 +1,226 @@
+"""The consumer service: poll a micro-batch, handle it, publish outcomes, then commit.
+
+Contract per batch (at-least-once, nothing lost):
+1. ``collect_batch`` gathers up to ``MAX_BATCH_SIZE`` records or waits at most
+   ``MAX_BATCH_WAIT_MS`` after the first one.
+2. Product updates are applied first, then searches are answered in one batched
+   encode and one ranking pass; every bad record becomes an error reply and/or a
+   dead letter.
+3. All outbound messages are published and acknowledged by the broker.
+4. Only then are the batch's offsets committed. A crash anywhere before step 4
+   re-delivers the batch to this or another replica.
+A rebalance waits for the batch in flight to finish (the revoke callback blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from consumer.batching import collect_batch
+from consumer.config import Role, Settings
+from consumer.encoder import Encoder
+from consumer.errors import InputError
+from consumer.feature_index import FeatureIndex
+from consumer.handlers import (
+    IndexRanker,
+    PendingSearch,
+    ProductHandler,
+    SearchHandler,
+    error_reply,
+    parse_product,
+    parse_search,
+    reply_address,
+)
+from consumer.images import ImageLimits
+from consumer.transport import Outbound, make_consumer, make_producer, publish_all
+from schemas import ErrorReply, SearchResult
+
+log = logging.getLogger(__name__)
+
+JSON = b"application/json"
+
+
+@dataclass
+class BatchReport:
+    """What one batch produced; kept for tests and metrics."""
+
+    searches: int = 0
+    replies: int = 0
+    error_replies: int = 0
+    dead_letters: int = 0
+    products_applied: int = 0
+    products_stale: int = 0
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class _WaitForBatch(ConsumerRebalanceListener):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.service._idle.wait()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.service.assignment = set(assigned)
+        self.service.assigned.set()
+        log.info("assigned partitions: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class Service:
+    """One replica. ``start`` connects, ``run`` loops until ``request_stop``, ``close`` releases everything."""
+
+    def __init__(self, settings: Settings, encoder: Encoder, index: FeatureIndex) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.index = index
+        self.search_handler = SearchHandler(
+            encoder,
+            IndexRanker(index),
+            default_top_k=settings.top_k,
+            default_threshold=settings.similarity_threshold,
+            image_limits=limits,
+        )
+        self.product_handler = ProductHandler(encoder, index, limits)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.assigned = asyncio.Event()
+        self.assignment: set[TopicPartition] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self.batches = 0
+
+    @property
+    def topics(self) -> list[str]:
+        s = self.settings
+        return {
+            Role.ALL: [s.search_requests_topic, s.product_updates_topic],
+            Role.SEARCH: [s.search_requests_topic],
+            Role.INGEST: [s.product_updates_topic],
+        }[s.role]
+
+    async def start(self) -> None:
+        s = self.settings
+        if not s.lazy_load_model:
+            towers = ("text",) if s.role is Role.SEARCH else ("text", "vision")
+            await asyncio.to_thread(self.encoder.ensure_loaded, *towers)
+        group = s.ingest_group_id if s.role is Role.INGEST else s.consumer_group_id
+        self.producer = make_producer(s)
+        self.consumer = make_consumer(s, group)
+        await self.producer.start()
+        await self.consumer.start()
+        self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
+        log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
+
+    def request_stop(self) -> None:
+        """Finish the batch in flight, commit it, then leave ``run``."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        assert self.consumer is not None
+        while not self._stopping.is_set():
+            records = await collect_batch(
+                self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5
+            )
+            if not records:
+                continue
+            self._idle.clear()
+            try:
+                report, outbound = await self.process(records)
+                await self.publish(outbound)
+                await self.consumer.commit(report.offsets)
+                self.batches += 1
+            finally:
+                self._idle.set()
+
+    async def _fetch(self, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
+        if self._stopping.is_set():
+            return []
+        data = await self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items)
+        return [r for records in data.values() for r in records]
+
+    async def publish(self, messages: list[Outbound]) -> None:
+        """Publish and wait for every acknowledgement; raising here leaves the batch uncommitted."""
+        await publish_all(self.producer, messages)
+
+    async def close(self) -> None:
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                await client.stop()
+        self.consumer = self.producer = None
+
+    def _dead_letter(self, record: ConsumerRecord, err: InputError) -> Outbound:
+        headers = [
+            ("error.code", err.code.encode()),
+            ("error.message", err.message.encode()[:1000]),
+            ("source.topic", record.topic.encode()),
+            ("source.partition", str(record.partition).encode()),
+            ("source.offset", str(record.offset).encode()),
+        ]
+        return Outbound(self.settings.dead_letter_topic, record.value or b"", record.key, headers)
+
+    def _reply(self, topic: str, reply: SearchResult | ErrorReply) -> Outbound:
+        rid = (reply.request_id or "").encode()
+        kind = b"search_result.v1" if isinstance(reply, SearchResult) else b"error_reply.v1"
+        headers = [("correlation_id", rid), ("content-type", JSON), ("event-type", kind)]
+        return Outbound(topic, reply.model_dump_json().encode(), rid or None, headers)
+
+    async def process(self, records: list[ConsumerRecord]) -> tuple[BatchReport, list[Outbound]]:
+        """Turn a batch of records into outbound messages; never raises for bad input."""
+        s = self.settings
+        report = BatchReport()
+        out: list[Outbound] = []
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            report.offsets[tp] = max(report.offsets.get(tp, 0), r.offset + 1)
+
+        updates, update_records = [], []
+        searches, search_records = [], []
+        for r in records:
+            if r.topic == s.product_updates_topic:
+                try:
+                    updates.append(parse_product(r.value, s.max_message_bytes))
+                    update_records.append(r)
+                except InputError as err:
+                    out.append(self._dead_letter(r, err))
+                continue
+            try:
+                req = parse_search(r.value, s.max_message_bytes, s.max_top_k)
+            except InputError as err:
+                out.append(self._dead_letter(r, err))
+                rid, reply_to = reply_address(r.value)
+                if rid is not None:
+                    out.append(self._reply(reply_to or s.reply_topic, error_reply(rid, err)))
+                    report.error_replies += 1
+                continue
+            searches.append(PendingSearch(req, r.timestamp / 1000.0 if r.timestamp and r.timestamp > 0 else time.time()))
+            search_records.append(r)
+
+        if updates:
+            for r, outcome in zip(update_records, await self.product_handler.handle(updates)):
+                if outcome.error is not None:
+                    out.append(self._dead_letter(r, outcome.error))
+                elif outcome.status == "applied":
+                    report.products_applied += 1
+                else:
+                    report.products_stale += 1
+
+        if searches:
+            report.searches = len(searches)
+            replies = await self.search_handler.handle(searches)
+            for pending, r, reply in zip(searches, search_records, replies):
+                out.append(self._reply(pending.request.reply_to or s.reply_topic, reply))
+                if isinstance(reply, SearchResult):
+                    report.replies += 1
+                else:
+                    report.error_replies += 1
+                    out.append(self._dead_letter(r, InputError(reply.error.message, reply.error.code)))
+        report.dead_letters = sum(1 for m in out if m.topic == s.dead_letter_topic)
+        return report, out

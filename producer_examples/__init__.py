@@ -1,0 +1,1 @@
+"""Runnable publishers and reply readers for the CLIP search service."""

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One entry point for people and CI:
+#   ./run.sh demo           local broker + service + sample catalog + a few searches
+#   ./run.sh test           the whole test suite (what CI runs)
+#   ./run.sh bench [--quick] the speed and memory benchmark
+# Each command first creates .venv and installs the pinned dependencies (once).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    setup
+    exec "$VENV/bin/python" -m producer_examples.demo "$@"
+    ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  bench)
+    setup
+    exec "$VENV/bin/python" -m benchmarks.run "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh demo | test | bench [--quick]" >&2
+    exit 2
+    ;;
+esac

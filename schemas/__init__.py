@@ -1,0 +1,27 @@
+"""Versioned event schemas of the CLIP product-search service."""
+
+from schemas.events import (
+    EXPORTED_MODELS,
+    SCHEMA_VERSION,
+    ErrorDetail,
+    ErrorReply,
+    ProductUpdated,
+    ResultItem,
+    SearchFilters,
+    SearchRequest,
+    SearchResult,
+    Timings,
+)
+
+__all__ = [
+    "EXPORTED_MODELS",
+    "SCHEMA_VERSION",
+    "ErrorDetail",
+    "ErrorReply",
+    "ProductUpdated",
+    "ResultItem",
+    "SearchFilters",
+    "SearchRequest",
+    "SearchResult",
+    "Timings",
+]

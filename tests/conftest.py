@@ -1,0 +1,104 @@
+"""Shared fixtures: a real Tansu broker, a tiny random CLIP, and in-process service replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from consumer.app import build_encoder, build_service
+from consumer.config import Settings
+from consumer.model_builder import build_random_clip
+from devservices import TansuBroker, create_topics
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = Path(os.environ.get("CLIP_SEARCH_MODEL_CACHE", REPO / ".cache" / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return str(build_random_clip(MODEL_CACHE / "tiny", size="tiny"))
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with TansuBroker() as b:
+        yield b
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def topics(broker):
+    """Fresh topic names for one test, created with 3 partitions for requests and 1 for the rest."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "search_requests_topic": f"search-requests-{suffix}",
+        "product_updates_topic": f"product-updated-{suffix}",
+        "reply_topic": f"search-results-{suffix}",
+        "dead_letter_topic": f"dead-letters-{suffix}",
+        "features_topic": f"product-features-{suffix}",
+        "consumer_group_id": f"clip-search-{suffix}",
+        "ingest_group_id": f"clip-search-ingest-{suffix}",
+    }
+    await create_topics(broker.bootstrap, [names["search_requests_topic"]], partitions=3)
+    await create_topics(
+        broker.bootstrap,
+        [names[k] for k in ("product_updates_topic", "reply_topic", "dead_letter_topic")],
+        partitions=1,
+    )
+    await create_topics(broker.bootstrap, [names["features_topic"]], partitions=1, compacted={names["features_topic"]})
+    return names
+
+
+@pytest.fixture
+def settings_for(broker, topics, tiny_model):
+    def make(**overrides) -> Settings:
+        values = dict(
+            kafka_bootstrap_servers=broker.bootstrap,
+            clip_model=tiny_model,
+            kafka_session_timeout_ms=1500,
+            kafka_heartbeat_interval_ms=250,
+            max_batch_wait_ms=20,
+            _env_file=None,
+        ) | topics
+        return Settings(**(values | overrides))
+
+    return make
+
+
+@asynccontextmanager
+async def running(service):
+    """Start ``service``, run it in a task until the block exits, then stop it gracefully."""
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.assigned.wait(), 30)
+        yield service
+    finally:
+        service.request_stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        finally:
+            await service.close()
+
+
+@pytest.fixture
+def service_factory(settings_for):
+    def make(encoder=None, **overrides):
+        settings = settings_for(**overrides)
+        return build_service(settings, encoder or build_encoder(settings))
+
+    return make

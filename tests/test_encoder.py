@@ -1,0 +1,54 @@
+"""The torch encoder on a tiny random CLIP: lazy, single load under races, normalised output."""
+
+import threading
+
+import numpy as np
+
+from consumer.app import build_encoder, embedding_dim
+from consumer.config import Settings
+from consumer.images import clip_pixels
+from PIL import Image
+
+
+def make_encoder(model: str):
+    return build_encoder(Settings(clip_model=model, _env_file=None))
+
+
+def test_towers_load_lazily_and_once_under_concurrent_first_calls(tiny_model):
+    encoder = make_encoder(tiny_model)
+    assert encoder.load_counts == {"text": 0, "vision": 0}
+    barrier = threading.Barrier(8)
+    results = []
+
+    def first_call(n: int) -> None:
+        barrier.wait()
+        results.append(encoder.encode_text([f"query {n}"]))
+
+    threads = [threading.Thread(target=first_call, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    assert encoder.load_counts == {"text": 1, "vision": 0}
+    assert encoder.tower_bytes["text"] > 0 and encoder.tower_bytes["vision"] == 0
+
+
+def test_embeddings_are_normalised_and_deterministic(tiny_model):
+    encoder = make_encoder(tiny_model)
+    texts = ["red shoes", "a much longer description of a blue ceramic mug", "red shoes"]
+    emb = encoder.encode_text(texts)
+    assert emb.shape == (3, embedding_dim(tiny_model)) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb[0], emb[2], atol=1e-6)
+    assert float(emb[0] @ emb[1]) < 0.9999
+
+    batched = encoder.encode_text(texts[:2])
+    single = np.vstack([encoder.encode_text([t]) for t in texts[:2]])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+    pixels = np.stack([clip_pixels(Image.new("RGB", (64, 48), c)) for c in ("red", "blue")])
+    img = encoder.encode_images(pixels)
+    assert img.shape == (2, emb.shape[1])
+    assert encoder.load_counts == {"text": 1, "vision": 1}
+    assert encoder.unload("vision") and encoder.tower_bytes["vision"] == 0
