@@ -8,7 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
-from consumer.config import Settings, load_settings
+from consumer.config import Role, Settings, load_settings
 from consumer.encoder import Encoder, TorchBackend
 from consumer.feature_index import FeatureIndex
 from consumer.model_builder import is_random_model
@@ -39,11 +39,25 @@ def build_encoder(settings: Settings) -> Encoder:
     )
 
 
+def build_store(settings: Settings):
+    """The product store when ``MONGODB_URI`` is set, else None (pymongo is imported only then)."""
+    if not settings.mongodb_uri:
+        return None
+    from pymongo import AsyncMongoClient
+
+    from consumer.store import ProductStore
+
+    client = AsyncMongoClient(settings.mongodb_uri, appname=settings.kafka_client_id)
+    return ProductStore(client, settings.mongodb_database, settings.mongodb_collection)
+
+
 def build_service(settings: Settings, encoder: Encoder | None = None) -> Service:
     """A service for ``settings``; tests pass their own ``encoder`` to observe loads."""
     encoder = encoder or build_encoder(settings)
-    index = FeatureIndex(dim=embedding_dim(settings.clip_model), dtype=settings.feature_dtype)
-    return Service(settings, encoder, index)
+    index = None
+    if settings.cache_products and settings.role is not Role.INGEST:
+        index = FeatureIndex(dim=embedding_dim(settings.clip_model), dtype=settings.feature_dtype)
+    return Service(settings, encoder, index, store=build_store(settings))
 
 
 async def serve(settings: Settings) -> None:
@@ -57,6 +71,8 @@ async def serve(settings: Settings) -> None:
         await service.run()
     finally:
         await service.close()
+        if service.store is not None:
+            await service.store.close()
         log.info("stopped after %d batches", service.batches)
 
 

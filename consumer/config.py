@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_top_k: Annotated[int, Field(ge=1, le=10_000)] = 100
     similarity_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
 
+    mongodb_uri: str | None = Field(None, description="product store; required for CACHE_PRODUCTS=false and ROLE=ingest")
+    mongodb_database: str = "clip_search"
+    mongodb_collection: str = "products"
+    store_chunk_rows: Annotated[int, Field(ge=64)] = 4096
+
     clip_model: str = "openai/clip-vit-base-patch32"
     torch_num_threads: Annotated[int, Field(ge=1)] | None = None
     feature_dtype: Literal["float32", "float16", "int8"] = "float32"
@@ -53,12 +58,18 @@ class Settings(BaseSettings):
     max_image_bytes: Annotated[int, Field(ge=1024)] = 5 * 1024 * 1024
     max_image_pixels: Annotated[int, Field(ge=1024)] = 40_000_000
 
+    memory_limit_mb: Annotated[int, Field(ge=16)] | None = Field(
+        None, description="memory budget of the process in MiB; exported as clip_search_memory_limit_bytes"
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.top_k > self.max_top_k:
             raise ValueError(f"TOP_K ({self.top_k}) must not exceed MAX_TOP_K ({self.max_top_k})")
+        if not self.cache_products and not self.mongodb_uri:
+            raise ValueError("CACHE_PRODUCTS=false streams features from the store: set MONGODB_URI")
         return self
 
     @property
@@ -78,5 +89,5 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for err in exc.errors():
             var = "_".join(str(p) for p in err["loc"]).upper() or "settings"
-            lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {var}: {err['msg']}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

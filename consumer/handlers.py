@@ -8,6 +8,7 @@ ranking) runs in worker threads so the event loop keeps heartbeating.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from consumer.errors import (
 from consumer.feature_index import FeatureIndex, ProductMeta
 from consumer.images import ImageLimits, pixels_from_base64
 from consumer.ranking import Hit, Query, SearchFilter
-from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductUpdated, ResultItem, SearchRequest, SearchResult, Timings
+from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductFeature, ProductUpdated, ResultItem, SearchRequest, SearchResult, Timings
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,30 @@ class Ranker(Protocol):
 
 
 class IndexRanker:
-    """Ranks against the in-memory ``FeatureIndex`` (cached mode)."""
+    """Ranks against the in-memory ``FeatureIndex`` (cached mode) in a worker thread.
 
-    def __init__(self, index: FeatureIndex) -> None:
+    ``lock`` serialises searches with writers that run concurrently (the features-topic follower).
+    """
+
+    def __init__(self, index: FeatureIndex, lock: asyncio.Lock | None = None) -> None:
         self.index = index
+        self.lock = lock or asyncio.Lock()
 
     async def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]:
-        return await asyncio.to_thread(self.index.search, queries, params)
+        async with self.lock:
+            return await asyncio.to_thread(self.index.search, queries, params)
+
+
+class StoreRanker:
+    """Ranks by streaming stored features in bounded chunks (on-demand mode, no product matrix in memory)."""
+
+    def __init__(self, store, model_id: str, chunk_rows: int) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.chunk_rows = chunk_rows
+
+    async def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]:
+        return await self.store.search(queries, params, self.model_id, chunk_rows=self.chunk_rows)
 
 
 @dataclass
@@ -245,28 +263,92 @@ class SearchHandler:
 
 @dataclass(frozen=True)
 class ProductOutcome:
-    """What became of one update: ``applied`` (indexed/stored), ``stale`` (older or same version), or an input error."""
+    """What became of one update.
 
-    product_id: str
-    version: int
+    ``status``: ``applied`` (stored and/or indexed), ``stale`` (a same-or-newer version is held),
+    or ``error`` (``error`` says why; the update goes to the dead-letter topic).
+    """
+
+    update: ProductUpdated
     status: str
     error: InputError | None = None
     feature: np.ndarray | None = None
 
 
-class ProductHandler:
-    """Encodes product updates (image if present, else text) and applies them, newest version wins."""
+class ProductStoreLike(Protocol):
+    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str) -> bool: ...
 
-    def __init__(self, encoder: Encoder, index: FeatureIndex | None, image_limits: ImageLimits) -> None:
+    async def delete(self, product_id: str, version: int) -> bool: ...
+
+    async def get_versions(self, ids: Sequence[str]) -> dict[str, tuple[int, str | None, bool]]: ...
+
+
+def product_meta(update: ProductUpdated) -> ProductMeta:
+    return ProductMeta(update.product_id, update.version, update.name, update.description, update.category, update.price)
+
+
+def feature_event(update: ProductUpdated, feature: np.ndarray | None, model_id: str) -> ProductFeature:
+    """The features-topic record for an applied update (float16 on the wire)."""
+    if update.deleted or feature is None:
+        return ProductFeature(product_id=update.product_id, version=update.version, model_id=model_id, deleted=True)
+    vec = np.asarray(feature, dtype="<f2")
+    return ProductFeature(
+        product_id=update.product_id,
+        version=update.version,
+        model_id=model_id,
+        name=update.name,
+        description=update.description,
+        category=update.category,
+        price=update.price,
+        dim=int(vec.shape[0]),
+        feature_b64=base64.b64encode(vec.tobytes()).decode(),
+    )
+
+
+def apply_feature_event(index: FeatureIndex, event: ProductFeature, model_id: str) -> bool:
+    """Apply a features-topic record to ``index``; records of another model are ignored."""
+    if event.model_id != model_id:
+        return False
+    if event.deleted or not event.feature_b64:
+        return index.delete(event.product_id, event.version)
+    vec = np.frombuffer(base64.b64decode(event.feature_b64), dtype="<f2").astype(np.float32)
+    meta = ProductMeta(event.product_id, event.version, event.name, event.description, event.category, event.price)
+    return index.upsert(meta, vec)
+
+
+class ProductHandler:
+    """Encodes product updates (image if present, else text) and applies them, newest version wins.
+
+    Held versions come from the store when there is one (so restarts and other replicas
+    skip re-encoding), else from the index. A stored feature made by another model id
+    counts as not held, so the product is re-encoded rather than mixed in. ``before_apply``
+    runs after encoding and before anything is stored (the ingest role publishes the
+    features there, so a crash in between re-encodes rather than loses an update).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: FeatureIndex | None,
+        image_limits: ImageLimits,
+        store: ProductStoreLike | None = None,
+        before_apply=None,
+    ) -> None:
         self.encoder = encoder
         self.index = index
+        self.store = store
         self.image_limits = image_limits
+        self.before_apply = before_apply
+        self.encoded_products = 0
 
-    def _is_stale(self, update: ProductUpdated) -> bool:
+    async def held_versions(self, updates: Sequence[ProductUpdated]) -> dict[str, int]:
+        ids = list({u.product_id for u in updates})
+        if self.store is not None:
+            stored = await self.store.get_versions(ids)
+            return {pid: v for pid, (v, model, deleted) in stored.items() if deleted or model == self.encoder.model_id}
         if self.index is None:
-            return False
-        held = self.index.version_of(update.product_id)
-        return held is not None and held >= update.version
+            return {}
+        return {pid: v for pid in ids if (v := self.index.version_of(pid)) is not None}
 
     async def encode(self, updates: Sequence[ProductUpdated]) -> list[np.ndarray | InputError | None]:
         """Feature per update (None for deletes); image decode errors are returned, not raised."""
@@ -290,29 +372,42 @@ class ProductHandler:
             emb = await asyncio.to_thread(self.encoder.encode_images, np.stack([p for _, p in images]))
             for (i, _), vec in zip(images, emb):
                 out[i] = vec
+        self.encoded_products += len(texts) + len(images)
         return out
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
-        """Apply in order; stale updates are skipped before any encoding."""
-        todo = [u for u in updates if not self._is_stale(u)]
-        features = dict(zip((id(u) for u in todo), await self.encode(todo)))
+        """One outcome per update, in order; stale updates are skipped before any encoding."""
+        held = await self.held_versions(updates)
+        todo = [i for i, u in enumerate(updates) if u.version > held.get(u.product_id, -1)]
+        features = dict(zip(todo, await self.encode([updates[i] for i in todo])))
         outcomes = []
-        for u in updates:
-            if id(u) not in features:
-                outcomes.append(ProductOutcome(u.product_id, u.version, "stale"))
-                continue
-            feat = features[id(u)]
-            if isinstance(feat, InputError):
-                outcomes.append(ProductOutcome(u.product_id, u.version, "error", error=feat))
-                continue
-            applied = self.apply(u, feat)
-            outcomes.append(ProductOutcome(u.product_id, u.version, "applied" if applied else "stale", feature=feat))
-        return outcomes
+        for i, u in enumerate(updates):
+            if i not in features:
+                outcomes.append(ProductOutcome(u, "stale"))
+            elif isinstance(features[i], InputError):
+                outcomes.append(ProductOutcome(u, "error", error=features[i]))
+            else:
+                outcomes.append(ProductOutcome(u, "encoded", feature=features[i]))
+        if self.before_apply is not None:
+            await self.before_apply([o for o in outcomes if o.status == "encoded"])
+        return [
+            ProductOutcome(o.update, "applied" if await self.apply(o.update, o.feature) else "stale", feature=o.feature)
+            if o.status == "encoded"
+            else o
+            for o in outcomes
+        ]
 
-    def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
+    async def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
+        """Store first (the durable copy), then index; False when a same-or-newer version is held."""
+        if self.store is not None:
+            if update.deleted:
+                stored = await self.store.delete(update.product_id, update.version)
+            else:
+                stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id)
+            if not stored:
+                return False
         if self.index is None:
             return True
         if update.deleted:
             return self.index.delete(update.product_id, update.version)
-        meta = ProductMeta(update.product_id, update.version, update.name, update.description, update.category, update.price)
-        return self.index.upsert(meta, feature)
+        return self.index.upsert(product_meta(update), feature)

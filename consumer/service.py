@@ -26,13 +26,17 @@ from consumer.batching import collect_batch
 from consumer.config import Role, Settings
 from consumer.encoder import Encoder
 from consumer.errors import InputError
+from consumer.feature_follower import FeatureFollower
 from consumer.feature_index import FeatureIndex
 from consumer.handlers import (
     IndexRanker,
     PendingSearch,
     ProductHandler,
+    ProductOutcome,
     SearchHandler,
+    StoreRanker,
     error_reply,
+    feature_event,
     parse_product,
     parse_search,
     reply_address,
@@ -75,19 +79,34 @@ class _WaitForBatch(ConsumerRebalanceListener):
 class Service:
     """One replica. ``start`` connects, ``run`` loops until ``request_stop``, ``close`` releases everything."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, index: FeatureIndex) -> None:
+    def __init__(self, settings: Settings, encoder: Encoder, index: FeatureIndex | None, store=None) -> None:
+        """``index`` is None in on-demand mode (``CACHE_PRODUCTS=false``), where ``store`` ranks instead."""
         self.settings = settings
         self.encoder = encoder
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.index = index
+        self.store = store
+        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.index_lock = asyncio.Lock()
+        ranker = (
+            IndexRanker(index, self.index_lock)
+            if index is not None
+            else StoreRanker(store, encoder.model_id, settings.store_chunk_rows)
+        )
         self.search_handler = SearchHandler(
             encoder,
-            IndexRanker(index),
+            ranker,
             default_top_k=settings.top_k,
             default_threshold=settings.similarity_threshold,
             image_limits=limits,
         )
-        self.product_handler = ProductHandler(encoder, index, limits)
+        self.product_handler = ProductHandler(
+            encoder,
+            index if settings.role is not Role.INGEST else None,
+            limits,
+            store=store,
+            before_apply=self._publish_features if settings.role is Role.INGEST else None,
+        )
+        self.follower: FeatureFollower | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
@@ -96,6 +115,7 @@ class Service:
         self._idle.set()
         self._stopping = asyncio.Event()
         self.batches = 0
+        self.replies_sent = 0
 
     @property
     def topics(self) -> list[str]:
@@ -113,11 +133,42 @@ class Service:
             await asyncio.to_thread(self.encoder.ensure_loaded, *towers)
         group = s.ingest_group_id if s.role is Role.INGEST else s.consumer_group_id
         self.producer = make_producer(s)
-        self.consumer = make_consumer(s, group)
         await self.producer.start()
+        if self.store is not None:
+            await self.store.ensure_indexes()
+            if self.index is not None and s.role is not Role.INGEST:
+                await self._fill_index_from_store()
+        if s.role is Role.SEARCH and self.index is not None:
+            self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock)
+            await self.follower.start()
+            await self.follower.catch_up()
+            self.follower.run_in_background()
+        self.consumer = make_consumer(s, group)
         await self.consumer.start()
         self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
+
+    async def _fill_index_from_store(self) -> None:
+        """Cached mode start: load every product stored with this model id; nothing is re-encoded."""
+        loaded = 0
+        async for meta, feature in self.store.iter_products(self.encoder.model_id):
+            loaded += self.index.upsert(meta, feature)
+        log.info("filled the feature index from the store: %d products", loaded)
+
+    async def _publish_features(self, outcomes: list[ProductOutcome]) -> None:
+        """Ingest role: features reach the compacted topic (acknowledged) before they are stored."""
+        topic = self.settings.features_topic
+        await self.publish(
+            [
+                Outbound(
+                    topic,
+                    feature_event(o.update, o.feature, self.encoder.model_id).model_dump_json().encode(),
+                    o.update.product_id.encode(),
+                    [("content-type", JSON), ("event-type", b"product_feature.v1")],
+                )
+                for o in outcomes
+            ]
+        )
 
     def request_stop(self) -> None:
         """Finish the batch in flight, commit it, then leave ``run``."""
@@ -137,6 +188,7 @@ class Service:
                 await self.publish(outbound)
                 await self.consumer.commit(report.offsets)
                 self.batches += 1
+                self.replies_sent += report.replies + report.error_replies
             finally:
                 self._idle.set()
 
@@ -151,6 +203,9 @@ class Service:
         await publish_all(self.producer, messages)
 
     async def close(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
         for client in (self.consumer, self.producer):
             if client is not None:
                 await client.stop()

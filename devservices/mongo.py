@@ -26,7 +26,9 @@ class MongoServer(ManagedProcess):
     `storage_path` None -> ``<workdir>/data`` (persists across `restart()`/`kill()`,
     deleted by `close()`); ``":memory:"`` -> ephemeral, wiped on every stop; any
     other path is created if missing, reused and never deleted. The log lives in a
-    private temp work dir.
+    private temp work dir. Graceful stop takes ~2 s (SecantusDB joins its accept
+    thread with a 2 s timeout). Without ``--sync-on-commit``, writes acknowledged
+    with j=False in the last ~1 s are lost on SIGKILL; j=True writes survive.
     """
 
     name = "mongo"

@@ -15,14 +15,17 @@ from typing import Self
 from .ports import free_port
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+_OWNED_DIRS: set[Path] = set()
 
 
 @atexit.register
-def _kill_all() -> None:
+def _cleanup() -> None:
     for proc in list(_LIVE):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    for d in list(_OWNED_DIRS):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class ServiceError(RuntimeError):
@@ -35,11 +38,11 @@ class ManagedProcess:
     Subclasses implement `command()` and `probe()`. Output goes to
     `<workdir>/<name>.log` (appended across restarts). A work dir created here
     is deleted by `close()`; a caller-supplied one is kept. Every live process
-    is SIGKILLed at interpreter exit as a safety net.
+    is SIGKILLed (and owned work dirs removed) at interpreter exit as a safety net.
     """
 
     name = "process"
-    poll_interval = 0.05
+    poll_interval = 0.02
     start_timeout = 30.0
 
     def __init__(self, port: int | None = None, workdir: str | os.PathLike[str] | None = None) -> None:
@@ -47,6 +50,8 @@ class ManagedProcess:
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._owns_workdir:
+            _OWNED_DIRS.add(self.workdir)
         self.log_path = self.workdir / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.last_start_seconds: float | None = None
@@ -146,6 +151,7 @@ class ManagedProcess:
         self.stop()
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            _OWNED_DIRS.discard(self.workdir)
 
     def log_tail(self, max_bytes: int = 4000) -> str:
         try:

@@ -94,6 +94,27 @@ class ProductUpdated(_Event):
         return self
 
 
+class ProductFeature(_Event):
+    """A product's CLIP feature as published by the ingest role on the compacted features topic.
+
+    Keyed by product_id, so compaction keeps the latest state per product. ``feature_b64``
+    is the base64 of ``dim`` little-endian float16 values (absent for deletes). Search
+    replicas apply it with the same newest-version-wins rule as product updates.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    product_id: Identifier
+    version: Annotated[int, Field(ge=0)]
+    model_id: str
+    deleted: bool = False
+    name: str = ""
+    description: str = ""
+    category: str | None = None
+    price: float | None = None
+    dim: Annotated[int, Field(ge=1)] | None = None
+    feature_b64: str | None = None
+
+
 class ResultItem(_Event):
     rank: Annotated[int, Field(ge=1)]
     product_id: str
@@ -161,6 +182,7 @@ class ErrorReply(_Event):
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "search_request": SearchRequest,
     "product_updated": ProductUpdated,
+    "product_feature": ProductFeature,
     "search_result": SearchResult,
     "error_reply": ErrorReply,
 }

@@ -82,7 +82,11 @@ def settings_for(broker, topics, tiny_model):
 @asynccontextmanager
 async def running(service):
     """Start ``service``, run it in a task until the block exits, then stop it gracefully."""
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        await service.close()
+        raise
     task = asyncio.create_task(service.run())
     try:
         await asyncio.wait_for(service.assigned.wait(), 30)
@@ -102,3 +106,17 @@ def service_factory(settings_for):
         return build_service(settings, encoder or build_encoder(settings))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mongo():
+    from devservices import MongoServer
+
+    with MongoServer(storage_path=":memory:") as server:
+        yield server
+
+
+@pytest.fixture
+def store_settings(mongo, topics):
+    """Settings overrides that give a test its own database on the shared store."""
+    return {"mongodb_uri": mongo.uri, "mongodb_database": f"db_{topics['consumer_group_id'].rsplit('-', 1)[1]}"}
