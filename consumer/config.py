@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.security import SecuritySettings
+
 
 class Role(str, Enum):
     ALL = "all"
@@ -19,10 +21,15 @@ class Role(str, Enum):
     SEARCH = "search"
 
 
-class Settings(BaseSettings):
+class Settings(SecuritySettings, BaseSettings):
+    """Service settings; security fields (``KAFKA_SSL_*``, ``KAFKA_SASL_*``, ``MONGODB_TLS*`` ...) come from ``SecuritySettings``."""
+
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
 
     role: Role = Role.ALL
+
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener; 0.0.0.0 so Prometheus can scrape the container")  # nosec B104 - see README "Security"
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9100
 
     kafka_bootstrap_servers: str = "localhost:9092"
     search_requests_topic: str = "search-requests"
@@ -61,6 +68,13 @@ class Settings(BaseSettings):
     memory_limit_mb: Annotated[int, Field(ge=16)] | None = Field(
         None, description="memory budget of the process in MiB; exported as clip_search_memory_limit_bytes"
     )
+
+    dlq_max_ratio: Annotated[float, Field(gt=0, le=1.0)] = 0.5
+    dlq_window: Annotated[int, Field(ge=1)] = 200
+    reply_cache_size: Annotated[int, Field(ge=0)] = 10_000
+    reply_cache_ttl_s: Annotated[float, Field(gt=0)] = 600.0
+    retry_backoff_s: Annotated[float, Field(gt=0)] = 2.0
+    retry_backoff_max_s: Annotated[float, Field(gt=0)] = 10.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

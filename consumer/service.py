@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.batching import collect_batch
@@ -42,6 +43,9 @@ from consumer.handlers import (
     reply_address,
 )
 from consumer.images import ImageLimits
+from consumer.metrics import ServiceMetrics
+from consumer.reliability import DeadLetterPolicy, DeadLetterRateExceeded, ReplyCache
+from consumer.security import start_kafka_client
 from consumer.transport import Outbound, make_consumer, make_producer, publish_all
 from schemas import ErrorReply, SearchResult
 
@@ -58,9 +62,14 @@ class BatchReport:
     replies: int = 0
     error_replies: int = 0
     dead_letters: int = 0
+    duplicates: int = 0
     products_applied: int = 0
     products_stale: int = 0
+    messages: int = 0
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    """Next offset to commit per partition."""
+    rewind: dict[TopicPartition, int] = field(default_factory=dict)
+    """Partitions whose records could not be handled (e.g. store down): seek back here and retry later."""
 
 
 class _WaitForBatch(ConsumerRebalanceListener):
@@ -116,6 +125,17 @@ class Service:
         self._stopping = asyncio.Event()
         self.batches = 0
         self.replies_sent = 0
+        self.dead_letter_policy = DeadLetterPolicy(settings.dlq_max_ratio, settings.dlq_window)
+        self.reply_cache: ReplyCache[Outbound] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
+        self._retry_at: dict[TopicPartition, float] = {}
+        self.metrics = ServiceMetrics(
+            search_topic=settings.search_requests_topic,
+            dead_letter_topic=settings.dead_letter_topic,
+            encoder=encoder,
+            index=index,
+            memory_limit_bytes=settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None,
+            labels={"role": settings.role.value, "model": encoder.model_id, "random_weights": str(encoder.random_weights).lower()},
+        )
 
     @property
     def topics(self) -> list[str]:
@@ -133,7 +153,7 @@ class Service:
             await asyncio.to_thread(self.encoder.ensure_loaded, *towers)
         group = s.ingest_group_id if s.role is Role.INGEST else s.consumer_group_id
         self.producer = make_producer(s)
-        await self.producer.start()
+        await self._with_backoff("connect the producer", lambda: start_kafka_client(s, self.producer))
         if self.store is not None:
             await self.store.ensure_indexes()
             if self.index is not None and s.role is not Role.INGEST:
@@ -144,7 +164,7 @@ class Service:
             await self.follower.catch_up()
             self.follower.run_in_background()
         self.consumer = make_consumer(s, group)
-        await self.consumer.start()
+        await self._with_backoff("connect the consumer", lambda: start_kafka_client(s, self.consumer))
         self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
 
@@ -174,23 +194,92 @@ class Service:
         """Finish the batch in flight, commit it, then leave ``run``."""
         self._stopping.set()
 
+    async def _with_backoff(self, what: str, attempt, transient=(KafkaError, OSError)):
+        """Retry ``attempt`` on transient errors with capped exponential backoff until it succeeds or a stop is requested."""
+        delay = 0.5
+        failures = 0
+        while True:
+            try:
+                return await attempt()
+            except transient as exc:
+                failures += 1
+                if self._stopping.is_set():
+                    raise
+                log.warning("could not %s (attempt %d: %s: %s); retrying in %.1fs", what, failures, type(exc).__name__, exc, delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+
     async def run(self) -> None:
+        """Loop until ``request_stop``: collect, handle, publish (acknowledged), commit.
+
+        Raises ``DeadLetterRateExceeded`` when the dead-letter policy trips (after committing the batch).
+        """
         assert self.consumer is not None
         while not self._stopping.is_set():
+            self._resume_due_partitions()
             records = await collect_batch(
                 self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5
             )
+            await self.metrics.update_lag(self.consumer)
             if not records:
                 continue
             self._idle.clear()
+            started = time.monotonic()
             try:
                 report, outbound = await self.process(records)
-                await self.publish(outbound)
-                await self.consumer.commit(report.offsets)
+                await self._with_backoff("publish replies", lambda: self.publish(outbound))
+                acknowledged_at = time.time()
+                for tp in report.rewind:
+                    report.offsets.pop(tp, None)
+                await self._commit(report.offsets)
+                self._rewind(report.rewind)
                 self.batches += 1
+                self.metrics.observe_batch(
+                    records, outbound, products_applied=report.products_applied, products_stale=report.products_stale,
+                    rewind=report.rewind, started=started, acknowledged_at=acknowledged_at,
+                )
                 self.replies_sent += report.replies + report.error_replies
             finally:
                 self._idle.set()
+            for n in range(report.messages):
+                self.dead_letter_policy.record(n < report.dead_letters)
+            if self.dead_letter_policy.tripped():
+                log.critical(
+                    "stopping: %.0f%% of the last %d messages were dead-lettered (DLQ_MAX_RATIO=%s); check the producers and this deploy",
+                    100 * self.dead_letter_policy.ratio, self.settings.dlq_window, self.settings.dlq_max_ratio,
+                )
+                raise DeadLetterRateExceeded(f"dead-letter ratio {self.dead_letter_policy.ratio:.2f} over {self.settings.dlq_window} messages")
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning("commit failed after a rebalance (%s); the new owner re-delivers these records", exc)
+
+    def _rewind(self, rewind: dict[TopicPartition, int]) -> None:
+        """Seek failed partitions back and pause them for ``RETRY_BACKOFF_S`` before trying again."""
+        if not rewind:
+            return
+        live = {tp: off for tp, off in rewind.items() if tp in self.consumer.assignment()}
+        for tp, offset in live.items():
+            self.consumer.seek(tp, offset)
+        self.consumer.pause(*live)
+        due = time.monotonic() + self.settings.retry_backoff_s
+        self._retry_at.update({tp: due for tp in live})
+
+    def _resume_due_partitions(self) -> None:
+        now = time.monotonic()
+        due = [tp for tp, at in self._retry_at.items() if at <= now]
+        for tp in due:
+            del self._retry_at[tp]
+        assigned = self.consumer.assignment()
+        if due := [tp for tp in due if tp in assigned]:
+            self.consumer.resume(*due)
 
     async def _fetch(self, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
         if self._stopping.is_set():
@@ -230,7 +319,7 @@ class Service:
     async def process(self, records: list[ConsumerRecord]) -> tuple[BatchReport, list[Outbound]]:
         """Turn a batch of records into outbound messages; never raises for bad input."""
         s = self.settings
-        report = BatchReport()
+        report = BatchReport(messages=len(records))
         out: list[Outbound] = []
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
@@ -238,6 +327,8 @@ class Service:
 
         updates, update_records = [], []
         searches, search_records = [], []
+        duplicates: list[tuple[str, Outbound | None]] = []
+        batch_ids: set[str] = set()
         for r in records:
             if r.topic == s.product_updates_topic:
                 try:
@@ -255,11 +346,22 @@ class Service:
                     out.append(self._reply(reply_to or s.reply_topic, error_reply(rid, err)))
                     report.error_replies += 1
                 continue
+            cached = self.reply_cache.get(req.request_id)
+            if cached is not None or req.request_id in batch_ids:
+                duplicates.append((req.request_id, cached))
+                continue
+            batch_ids.add(req.request_id)
             searches.append(PendingSearch(req, r.timestamp / 1000.0 if r.timestamp and r.timestamp > 0 else time.time()))
             search_records.append(r)
 
         if updates:
-            for r, outcome in zip(update_records, await self.product_handler.handle(updates)):
+            try:
+                outcomes = await self.product_handler.handle(updates)
+            except Exception:
+                log.exception("product updates failed (store or encoder unavailable?); will retry %d updates", len(updates))
+                self._mark_rewind(report, update_records)
+                outcomes = []
+            for r, outcome in zip(update_records, outcomes):
                 if outcome.error is not None:
                     out.append(self._dead_letter(r, outcome.error))
                 elif outcome.status == "applied":
@@ -269,13 +371,32 @@ class Service:
 
         if searches:
             report.searches = len(searches)
-            replies = await self.search_handler.handle(searches)
+            try:
+                replies = await self.search_handler.handle(searches)
+                self.metrics.observe_search(replies)
+            except Exception:
+                log.exception("search batch failed (store unavailable in on-demand mode?); will retry %d requests", len(searches))
+                self._mark_rewind(report, search_records)
+                replies = []
             for pending, r, reply in zip(searches, search_records, replies):
-                out.append(self._reply(pending.request.reply_to or s.reply_topic, reply))
+                message = self._reply(pending.request.reply_to or s.reply_topic, reply)
+                self.reply_cache.put(pending.request.request_id, message)
+                out.append(message)
                 if isinstance(reply, SearchResult):
                     report.replies += 1
                 else:
                     report.error_replies += 1
                     out.append(self._dead_letter(r, InputError(reply.error.message, reply.error.code)))
+        for rid, cached in duplicates:
+            first = cached or self.reply_cache.get(rid)
+            if first is not None:
+                out.append(first)
+                report.duplicates += 1
         report.dead_letters = sum(1 for m in out if m.topic == s.dead_letter_topic)
         return report, out
+
+    @staticmethod
+    def _mark_rewind(report: BatchReport, records: list[ConsumerRecord]) -> None:
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            report.rewind[tp] = min(report.rewind.get(tp, r.offset), r.offset)
