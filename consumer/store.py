@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +54,7 @@ class ProductStore:
     """Versioned product documents in one collection, plus on-demand exact search.
 
     Versions are monotonic per product id: an upsert is applied only if its
-    version is strictly newer than the stored one (live or tombstone), which
+    version is newer than the stored one (live or tombstone; see `upsert`), which
     holds under concurrent writers in any number of processes because the
     decision is made by the database on the ``_id`` unique index. Writes use a
     journaled write concern unless ``journal=False`` (the client's other write
@@ -98,34 +99,40 @@ class ProductStore:
         await self._client.close()
 
     async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str) -> bool:
-        """Store a product; False (and no change) unless meta.version is strictly newer.
+        """Store a product; False (and no change) unless meta.version is newer.
 
+        Newer means strictly greater than the stored version (live or tombstone),
+        or equal to that of a live product whose feature came from another model:
+        re-encoding with the current model replaces it (so with two models writing
+        the same version, the last writer wins; run one model per deployment).
         The feature is L2-normalised on a copy and stored as float16; a feature
         that is not 1-D or has zero/non-finite norm raises ValueError.
         """
-        return await self._apply(*_upsert_op(meta, feature, model_id))
+        return await self._apply(_upsert_write(meta, feature, model_id))
 
     async def upsert_many(
         self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str
     ) -> list[bool]:
-        """Bulk `upsert` in one round trip; result i says whether items[i] was applied.
+        """Bulk `upsert` in one round trip (plus one per conflict); result i says whether items[i] was applied.
 
-        Items with the same product id are applied in order, so the newest wins.
+        The newest version of each id wins whatever order the server applies the
+        batch in; an item superseded by a newer one in the same batch may still
+        report True (it was applied, then replaced).
         """
-        ops = [_upsert_op(meta, feature, model_id) for meta, feature in items]
-        if not ops:
+        writes = [_upsert_write(meta, feature, model_id) for meta, feature in items]
+        if not writes:
             return []
-        applied = [True] * len(ops)
+        applied = [True] * len(writes)
         try:
             await self._collection.bulk_write(
-                [UpdateOne(f, u, upsert=True) for f, u in ops], ordered=False
+                [UpdateOne(w.older, w.update, upsert=True) for w in writes], ordered=False
             )
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors):
                 raise
             for i in sorted(e["index"] for e in errors):
-                applied[i] = await self._apply(*ops[i])
+                applied[i] = await self._after_conflict(writes[i])
         return applied
 
     async def delete(self, product_id: str, version: int) -> bool:
@@ -135,15 +142,17 @@ class ProductStore:
         FeatureIndex.delete); an absent id gets a tombstone. Later upserts must be
         strictly newer than the tombstone.
         """
-        selector = {
-            "_id": product_id,
-            "$or": [{"version": {"$lt": version}}, {"version": version, "deleted": False}],
-        }
         update = {
             "$set": {"version": version, "deleted": True, "updated_at": datetime.now(UTC)},
             "$unset": {field: "" for field in _LIVE_FIELDS},
         }
-        return await self._apply(selector, update)
+        return await self._apply(
+            _Write(
+                older={"_id": product_id, "version": {"$lt": version}},
+                same={"_id": product_id, "version": version, "deleted": False},
+                update=update,
+            )
+        )
 
     async def get_versions(self, ids: Iterable[str]) -> dict[str, tuple[int, str | None, bool]]:
         """Stored (version, model_id, deleted) per known id; absent ids are left out.
@@ -245,17 +254,40 @@ class ProductStore:
         selector = {"_id": {"$in": sorted(ids)}, "model_id": model_id, "deleted": False}
         return {doc["_id"]: _meta(doc) async for doc in self._collection.find(selector, _META_PROJECTION)}
 
-    async def _apply(self, selector: dict[str, Any], update: dict[str, Any]) -> bool:
-        # A duplicate key on the first try may come from a concurrent first insert of
-        # the same id; the document exists from then on, so a second try decides.
-        return await self._try_update(selector, update) or await self._try_update(selector, update)
+    async def _apply(self, write: _Write) -> bool:
+        return await self._upsert_if_older(write) or await self._after_conflict(write)
 
-    async def _try_update(self, selector: dict[str, Any], update: dict[str, Any]) -> bool:
+    async def _after_conflict(self, write: _Write) -> bool:
+        """Decide a write whose upsert hit E11000 (the document exists from then on).
+
+        Either the stored version is the same and still replaceable, or it is
+        newer, or a concurrent first insert of the id won the race, in which case
+        a second conditional upsert decides.
+        """
+        if (await self._collection.update_one(write.same, write.update)).matched_count:
+            return True
+        return await self._upsert_if_older(write)
+
+    async def _upsert_if_older(self, write: _Write) -> bool:
         try:
-            await self._collection.update_one(selector, update, upsert=True)
+            await self._collection.update_one(write.older, write.update, upsert=True)
         except DuplicateKeyError:
             return False
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A versioned write as two selectors, kept free of $or so _id lookups stay point reads.
+
+    `older` matches a stored document the write replaces because it is older
+    (and is upserted, E11000 meaning "exists and not older"); `same` matches a
+    stored document at the same version that the write still replaces.
+    """
+
+    older: dict[str, Any]
+    same: dict[str, Any]
+    update: dict[str, Any]
 
 
 class _ChunkScorer:
@@ -328,9 +360,7 @@ def _filter_selector(f: SearchFilter) -> dict[str, Any]:
     return out
 
 
-def _upsert_op(
-    meta: ProductMeta, feature: np.ndarray, model_id: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _upsert_write(meta: ProductMeta, feature: np.ndarray, model_id: str) -> _Write:
     vector = np.asarray(feature, dtype=np.float32)
     if vector.ndim != 1 or vector.shape[0] == 0:
         raise ValueError(f"feature of {meta.product_id!r} must be a non-empty 1-D array, got {vector.shape}")
@@ -351,7 +381,11 @@ def _upsert_op(
         "feature": Binary(encoded.tobytes()),
         "updated_at": datetime.now(UTC),
     }
-    return {"_id": meta.product_id, "version": {"$lt": meta.version}}, {"$set": fields}
+    return _Write(
+        older={"_id": meta.product_id, "version": {"$lt": meta.version}},
+        same={"_id": meta.product_id, "version": meta.version, "deleted": False, "model_id": {"$ne": model_id}},
+        update={"$set": fields},
+    )
 
 
 def _price(value: float | None) -> float:
