@@ -276,7 +276,7 @@ class ProductOutcome:
 
 
 class ProductStoreLike(Protocol):
-    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str) -> bool: ...
+    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool: ...
 
     async def delete(self, product_id: str, version: int) -> bool: ...
 
@@ -403,7 +403,8 @@ class ProductHandler:
             if update.deleted:
                 stored = await self.store.delete(update.product_id, update.version)
             else:
-                stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id)
+                image = base64.b64decode(update.image_b64) if update.image_b64 else None
+                stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id, image)
             if not stored:
                 return False
         if self.index is None:

@@ -46,7 +46,7 @@ FEATURE_DTYPE = np.dtype("<f2")
 
 _DUPLICATE_KEY = 11000
 _ID_BATCH = 5000
-_LIVE_FIELDS = ("name", "description", "category", "price", "model_id", "dim", "feature")
+_LIVE_FIELDS = ("name", "description", "category", "price", "model_id", "dim", "feature", "image")
 _META_PROJECTION = {"version": 1, "name": 1, "description": 1, "category": 1, "price": 1}
 
 
@@ -98,7 +98,7 @@ class ProductStore:
         """Close the client this store was given."""
         await self._client.close()
 
-    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str) -> bool:
+    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool:
         """Store a product; False (and no change) unless meta.version is newer.
 
         Newer means strictly greater than the stored version (live or tombstone),
@@ -106,9 +106,11 @@ class ProductStore:
         re-encoding with the current model replaces it (so with two models writing
         the same version, the last writer wins; run one model per deployment).
         The feature is L2-normalised on a copy and stored as float16; a feature
-        that is not 1-D or has zero/non-finite norm raises ValueError.
+        that is not 1-D or has zero/non-finite norm raises ValueError. ``image`` (the
+        product's encoded image bytes) is kept so another model can re-encode it; it
+        is never read on the search path.
         """
-        return await self._apply(_upsert_write(meta, feature, model_id))
+        return await self._apply(_upsert_write(meta, feature, model_id, image))
 
     async def upsert_many(
         self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str
@@ -188,6 +190,16 @@ class ProductStore:
             async for doc in cursor:
                 feature = np.frombuffer(doc["feature"], dtype=FEATURE_DTYPE).astype(np.float32)
                 yield _meta(doc), feature
+        finally:
+            await cursor.close()
+
+    async def iter_stale_model_products(self, model_id: str) -> AsyncIterator[tuple[ProductMeta, bytes | None]]:
+        """Live products stored by another model, with their kept image bytes (None for text-only products)."""
+        projection = {**_META_PROJECTION, "image": 1}
+        cursor = self._collection.find({"deleted": False, "model_id": {"$ne": model_id}}, projection, batch_size=256)
+        try:
+            async for doc in cursor:
+                yield _meta(doc), (bytes(doc["image"]) if doc.get("image") else None)
         finally:
             await cursor.close()
 
@@ -360,7 +372,7 @@ def _filter_selector(f: SearchFilter) -> dict[str, Any]:
     return out
 
 
-def _upsert_write(meta: ProductMeta, feature: np.ndarray, model_id: str) -> _Write:
+def _upsert_write(meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> _Write:
     vector = np.asarray(feature, dtype=np.float32)
     if vector.ndim != 1 or vector.shape[0] == 0:
         raise ValueError(f"feature of {meta.product_id!r} must be a non-empty 1-D array, got {vector.shape}")
@@ -379,6 +391,7 @@ def _upsert_write(meta: ProductMeta, feature: np.ndarray, model_id: str) -> _Wri
         "model_id": model_id,
         "dim": int(vector.shape[0]),
         "feature": Binary(encoded.tobytes()),
+        "image": Binary(image) if image else None,
         "updated_at": datetime.now(UTC),
     }
     return _Write(

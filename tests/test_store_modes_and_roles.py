@@ -119,3 +119,27 @@ async def test_two_search_replicas_and_one_ingest_share_the_load(settings_for, s
     records = await read_all(broker.bootstrap, topics["reply_topic"])
     ids = [json.loads(r.value)["request_id"] for r in records]
     assert sorted(ids) == sorted([f"split-{n}" for n in range(60)] + [f"after-{n}" for n in range(30)])
+
+
+async def test_products_stored_by_another_model_are_reencoded_not_mixed_in(settings_for, store_settings, broker, topics):
+    import base64
+
+    import numpy as np
+
+    from consumer.feature_index import ProductMeta
+
+    settings = settings_for(**store_settings)
+    service = build_service(settings)
+    image_event = load_catalog()[0]
+    image_bytes = base64.b64decode(image_event["image_b64"])
+    rng = np.random.default_rng(0)
+    await service.store.ensure_indexes()
+    await service.store.upsert(ProductMeta("old-text", 3, "Old text product", "", "misc", 1.0), rng.normal(size=77), "another-model")
+    await service.store.upsert(ProductMeta("old-image", 4, "Old image product", "", "misc", 2.0), rng.normal(size=77), "another-model", image_bytes)
+    async with running(service):
+        assert service.product_handler.encoded_products == 2
+        assert {pid: service.index.version_of(pid) for pid in ("old-text", "old-image")} == {"old-text": 3, "old-image": 4}
+        stored = await service.store.get_versions(["old-text", "old-image"])
+        assert {v[1] for v in stored.values()} == {settings.clip_model}
+        reply = await ask_all(broker.bootstrap, topics, [{"query_text": "Old text product", "top_k": 1}])
+    assert reply[0]["items"][0]["product_id"] == "old-text" and reply[0]["items"][0]["score"] > 0.999
