@@ -30,6 +30,17 @@ case "$cmd" in
     ;;
   test)
     setup
+    # Prometheus + promtool (Debian) for tests/test_prometheus.py; stop the daemon its postinst may start on :9090.
+    command -v prometheus >/dev/null || (
+      sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+      $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+      $sudo service prometheus stop >/dev/null 2>&1 || true
+    )
+    # stunnel4 (Debian) puts TLS in front of the local Kafka and MongoDB for tests/test_tls.py and tests/test_secrets.py.
+    command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || (
+      sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+      $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends stunnel4 >/dev/null
+    ) || echo "run.sh: could not install stunnel4: the TLS tests skip (and fail under CI)" >&2
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   bench)

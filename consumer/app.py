@@ -11,7 +11,9 @@ from pathlib import Path
 from consumer.config import Role, Settings, load_settings
 from consumer.encoder import Encoder, TorchBackend
 from consumer.feature_index import FeatureIndex
+from consumer.health import HealthServer
 from consumer.model_builder import is_random_model
+from consumer.security import StartupError, log_effective_config, mongo_client
 from consumer.service import Service
 
 log = logging.getLogger("consumer")
@@ -24,7 +26,7 @@ def model_config(model: str) -> dict:
         return json.loads(local.read_text())
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
 
 
 def embedding_dim(model: str) -> int:
@@ -43,12 +45,9 @@ def build_store(settings: Settings):
     """The product store when ``MONGODB_URI`` is set, else None (pymongo is imported only then)."""
     if not settings.mongodb_uri:
         return None
-    from pymongo import AsyncMongoClient
-
     from consumer.store import ProductStore
 
-    client = AsyncMongoClient(settings.mongodb_uri, appname=settings.kafka_client_id)
-    return ProductStore(client, settings.mongodb_database, settings.mongodb_collection)
+    return ProductStore(mongo_client(settings), settings.mongodb_database, settings.mongodb_collection)
 
 
 def build_service(settings: Settings, encoder: Encoder | None = None) -> Service:
@@ -60,12 +59,38 @@ def build_service(settings: Settings, encoder: Encoder | None = None) -> Service
     return Service(settings, encoder, index, store=build_store(settings))
 
 
+async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
+    """None when ``service`` can serve, else why not: broker unreachable, store unreachable, no partitions assigned."""
+    consumer = service.consumer
+    if consumer is None:
+        return "not connected to Kafka yet"
+    try:
+        await asyncio.wait_for(consumer.topics(), timeout_s)
+    except Exception as exc:
+        return f"Kafka unreachable: {exc!r}"
+    if service.store is not None:
+        try:
+            await asyncio.wait_for(service.store.collection.database.command("ping"), timeout_s)
+        except Exception as exc:
+            return f"store unreachable: {exc!r}"
+    if not consumer.assignment():
+        return "no partitions assigned"
+    return None
+
+
+def health_server(settings: Settings, service: Service) -> HealthServer:
+    """``/metrics``, ``/healthz``, ``/readyz`` for ``service`` on ``METRICS_HOST:METRICS_PORT`` (call ``start``)."""
+    return HealthServer(service.metrics.registry, lambda: readiness(service), settings.metrics_host, settings.metrics_port)
+
+
 async def serve(settings: Settings) -> None:
     """Run one replica until SIGTERM/SIGINT, then finish the batch in flight, commit and close."""
+    log_effective_config(settings, log)
     service = build_service(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    health = await health_server(settings, service).start()
     await service.start()
     try:
         await service.run()
@@ -73,10 +98,14 @@ async def serve(settings: Settings) -> None:
         await service.close()
         if service.store is not None:
             await service.store.close()
+        await health.close()
         log.info("stopped after %d batches", service.batches)
 
 
 def main() -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        raise SystemExit(f"clip-search could not start: {exc}") from None

@@ -28,7 +28,7 @@ class Settings(SecuritySettings, BaseSettings):
 
     role: Role = Role.ALL
 
-    metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener; 0.0.0.0 so Prometheus can scrape the container")  # nosec B104 - see README "Security"
+    metrics_host: str = Field("0.0.0.0", description="/metrics listener address")  # nosec B104  # Prometheus scrapes containers from outside (README: Security)
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = 9100
 
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -66,8 +66,10 @@ class Settings(SecuritySettings, BaseSettings):
     max_image_pixels: Annotated[int, Field(ge=1024)] = 40_000_000
 
     memory_limit_mb: Annotated[int, Field(ge=16)] | None = Field(
-        None, description="memory budget of the process in MiB; exported as clip_search_memory_limit_bytes"
+        None,
+        description="soft memory limit in MiB: above it fetching pauses until RSS is under MEMORY_LOW_WATER x limit",
     )
+    memory_low_water: Annotated[float, Field(gt=0.1, lt=1.0)] = 0.85
 
     dlq_max_ratio: Annotated[float, Field(gt=0, le=1.0)] = 0.5
     dlq_window: Annotated[int, Field(ge=1)] = 200

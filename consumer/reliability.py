@@ -74,5 +74,8 @@ class ReplyCache(Generic[V]):
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
+    def clear(self) -> None:
+        self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)

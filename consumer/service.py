@@ -15,6 +15,7 @@ A rebalance waits for the batch in flight to finish (the revoke callback blocks)
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,10 +45,12 @@ from consumer.handlers import (
 )
 from consumer.images import ImageLimits
 from consumer.metrics import ServiceMetrics
+from consumer.backpressure import MemoryGuard
+from consumer.memory import release_memory
 from consumer.reliability import DeadLetterPolicy, DeadLetterRateExceeded, ReplyCache
 from consumer.security import start_kafka_client
 from consumer.transport import Outbound, make_consumer, make_producer, publish_all
-from schemas import ErrorReply, SearchResult
+from schemas import ErrorReply, ProductUpdated, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,11 @@ class _WaitForBatch(ConsumerRebalanceListener):
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.service._idle.wait()
+        self.service._revoking.set()
+        try:
+            await self.service._idle.wait()
+        finally:
+            self.service._revoking.clear()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.service.assignment = set(assigned)
@@ -123,11 +130,15 @@ class Service:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
+        self._revoking = asyncio.Event()
         self.batches = 0
+        self.polls = 0
         self.replies_sent = 0
         self.dead_letter_policy = DeadLetterPolicy(settings.dlq_max_ratio, settings.dlq_window)
         self.reply_cache: ReplyCache[Outbound] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
         self._retry_at: dict[TopicPartition, float] = {}
+        limit = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
+        self.memory_guard = MemoryGuard(limit, settings.memory_low_water)
         self.metrics = ServiceMetrics(
             search_topic=settings.search_requests_topic,
             dead_letter_topic=settings.dead_letter_topic,
@@ -156,6 +167,8 @@ class Service:
         await self._with_backoff("connect the producer", lambda: start_kafka_client(s, self.producer))
         if self.store is not None:
             await self.store.ensure_indexes()
+            if s.role is not Role.SEARCH:
+                await self._reencode_other_models()
             if self.index is not None and s.role is not Role.INGEST:
                 await self._fill_index_from_store()
         if s.role is Role.SEARCH and self.index is not None:
@@ -167,6 +180,23 @@ class Service:
         await self._with_backoff("connect the consumer", lambda: start_kafka_client(s, self.consumer))
         self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
+
+    async def _reencode_other_models(self) -> None:
+        """Products stored by another model id are re-encoded with this one (same version), never mixed in."""
+        updates = [
+            ProductUpdated(
+                product_id=meta.product_id, version=meta.version, name=meta.name, description=meta.description,
+                category=meta.category, price=meta.price,
+                image_b64=base64.b64encode(image).decode() if image else None,
+            )
+            async for meta, image in self.store.iter_stale_model_products(self.encoder.model_id)
+        ]
+        for start in range(0, len(updates), 64):
+            outcomes = await self.product_handler.handle(updates[start : start + 64])
+            if s_failed := [o for o in outcomes if o.status == "error"]:
+                log.warning("could not re-encode %d stored products: %s", len(s_failed), s_failed[0].error)
+        if updates:
+            log.info("re-encoded %d products stored by another model", len(updates))
 
     async def _fill_index_from_store(self) -> None:
         """Cached mode start: load every product stored with this model id; nothing is re-encoded."""
@@ -219,11 +249,17 @@ class Service:
         """
         assert self.consumer is not None
         while not self._stopping.is_set():
+            self._apply_backpressure()
             self._resume_due_partitions()
-            records = await collect_batch(
-                self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5
-            )
-            await self.metrics.update_lag(self.consumer)
+            try:
+                records = await collect_batch(
+                    self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5
+                )
+                self.polls += 1
+                await self.metrics.update_lag(self.consumer)
+            except BaseException:
+                self._idle.set()
+                raise
             if not records:
                 continue
             self._idle.clear()
@@ -272,7 +308,26 @@ class Service:
         due = time.monotonic() + self.settings.retry_backoff_s
         self._retry_at.update({tp: due for tp in live})
 
+    def _apply_backpressure(self) -> None:
+        """Above MEMORY_LIMIT_MB: stop fetching, drop rebuildable caches, return memory to the OS; resume below low water."""
+        action = self.memory_guard.update()
+        self.metrics.set_paused(self.memory_guard.paused)
+        if self.memory_guard.paused:
+            self.consumer.pause(*self.consumer.assignment())
+        if action == "pause":
+            self.reply_cache.clear()
+            if self.settings.role is not Role.INGEST:
+                self.encoder.unload("vision")
+            release_memory()
+            log.warning("memory above MEMORY_LIMIT_MB=%s: fetching paused", self.settings.memory_limit_mb)
+        elif action == "resume":
+            waiting = set(self._retry_at)
+            self.consumer.resume(*(tp for tp in self.consumer.assignment() if tp not in waiting))
+            log.info("memory back under the low-water mark: fetching resumed")
+
     def _resume_due_partitions(self) -> None:
+        if self.memory_guard.paused:
+            return
         now = time.monotonic()
         due = [tp for tp, at in self._retry_at.items() if at <= now]
         for tp in due:
@@ -282,10 +337,34 @@ class Service:
             self.consumer.resume(*due)
 
     async def _fetch(self, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
+        """Records for the batch being collected. Handing any out marks the service busy, so a rebalance
+        waits until they are answered and committed rather than re-delivering them to another owner.
+
+        While a rebalance waits, nothing more is fetched (aiokafka's getmany would block until the new
+        assignment): the fetch in progress is abandoned and the batch in hand completes after its wait.
+        """
         if self._stopping.is_set():
             return []
-        data = await self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items)
-        return [r for records in data.values() for r in records]
+        if self._revoking.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            return []
+        fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
+        revoking = asyncio.ensure_future(self._revoking.wait())
+        try:
+            done, _ = await asyncio.wait({fetch, revoking}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            revoking.cancel()
+            if not fetch.done():
+                fetch.cancel()
+        if fetch not in done:
+            return []
+        records = [r for batch in fetch.result().values() for r in batch]
+        if records:
+            self._idle.clear()
+        return records
 
     async def publish(self, messages: list[Outbound]) -> None:
         """Publish and wait for every acknowledgement; raising here leaves the batch uncommitted."""
@@ -317,17 +396,25 @@ class Service:
         return Outbound(topic, reply.model_dump_json().encode(), rid or None, headers)
 
     async def process(self, records: list[ConsumerRecord]) -> tuple[BatchReport, list[Outbound]]:
-        """Turn a batch of records into outbound messages; never raises for bad input."""
+        """Turn a batch of records into outbound messages; never raises for bad input.
+
+        Records of a partition left for a retry (``report.rewind``) produce nothing now, not even the
+        error replies and dead letters of bad records after the retry point: the retry produces them once.
+        """
         s = self.settings
         report = BatchReport(messages=len(records))
-        out: list[Outbound] = []
+        emitted: list[tuple[ConsumerRecord, str, Outbound]] = []
+
+        def emit(record: ConsumerRecord, kind: str, message: Outbound) -> None:
+            emitted.append((record, kind, message))
+
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             report.offsets[tp] = max(report.offsets.get(tp, 0), r.offset + 1)
 
         updates, update_records = [], []
         searches, search_records = [], []
-        duplicates: list[tuple[str, Outbound | None]] = []
+        duplicates: list[tuple[ConsumerRecord, str, Outbound | None]] = []
         batch_ids: set[str] = set()
         for r in records:
             if r.topic == s.product_updates_topic:
@@ -335,20 +422,19 @@ class Service:
                     updates.append(parse_product(r.value, s.max_message_bytes))
                     update_records.append(r)
                 except InputError as err:
-                    out.append(self._dead_letter(r, err))
+                    emit(r, "dead_letters", self._dead_letter(r, err))
                 continue
             try:
                 req = parse_search(r.value, s.max_message_bytes, s.max_top_k)
             except InputError as err:
-                out.append(self._dead_letter(r, err))
+                emit(r, "dead_letters", self._dead_letter(r, err))
                 rid, reply_to = reply_address(r.value)
                 if rid is not None:
-                    out.append(self._reply(reply_to or s.reply_topic, error_reply(rid, err)))
-                    report.error_replies += 1
+                    emit(r, "error_replies", self._reply(reply_to or s.reply_topic, error_reply(rid, err)))
                 continue
             cached = self.reply_cache.get(req.request_id)
             if cached is not None or req.request_id in batch_ids:
-                duplicates.append((req.request_id, cached))
+                duplicates.append((r, req.request_id, cached))
                 continue
             batch_ids.add(req.request_id)
             searches.append(PendingSearch(req, r.timestamp / 1000.0 if r.timestamp and r.timestamp > 0 else time.time()))
@@ -363,7 +449,7 @@ class Service:
                 outcomes = []
             for r, outcome in zip(update_records, outcomes):
                 if outcome.error is not None:
-                    out.append(self._dead_letter(r, outcome.error))
+                    emit(r, "dead_letters", self._dead_letter(r, outcome.error))
                 elif outcome.status == "applied":
                     report.products_applied += 1
                 else:
@@ -381,18 +467,21 @@ class Service:
             for pending, r, reply in zip(searches, search_records, replies):
                 message = self._reply(pending.request.reply_to or s.reply_topic, reply)
                 self.reply_cache.put(pending.request.request_id, message)
-                out.append(message)
                 if isinstance(reply, SearchResult):
-                    report.replies += 1
+                    emit(r, "replies", message)
                 else:
-                    report.error_replies += 1
-                    out.append(self._dead_letter(r, InputError(reply.error.message, reply.error.code)))
-        for rid, cached in duplicates:
+                    emit(r, "error_replies", message)
+                    emit(r, "dead_letters", self._dead_letter(r, InputError(reply.error.message, reply.error.code)))
+        for r, rid, cached in duplicates:
             first = cached or self.reply_cache.get(rid)
             if first is not None:
-                out.append(first)
-                report.duplicates += 1
-        report.dead_letters = sum(1 for m in out if m.topic == s.dead_letter_topic)
+                emit(r, "duplicates", first)
+        out: list[Outbound] = []
+        for r, kind, message in emitted:
+            retry_from = report.rewind.get(TopicPartition(r.topic, r.partition))
+            if retry_from is None or r.offset < retry_from:
+                out.append(message)
+                setattr(report, kind, getattr(report, kind) + 1)
         return report, out
 
     @staticmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.config import Settings
+from consumer.security import kafka_security_options
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class Outbound:
 
 
 def client_options(settings: Settings) -> dict:
-    """Connection options shared by every consumer and producer."""
-    return {"bootstrap_servers": settings.kafka_bootstrap_servers, "client_id": settings.kafka_client_id}
+    """Connection options shared by every consumer and producer, security included (holds secrets: never log)."""
+    return {"bootstrap_servers": settings.kafka_bootstrap_servers, "client_id": settings.kafka_client_id} | kafka_security_options(settings)
 
 
 def make_consumer(settings: Settings, group_id: str, **overrides: object) -> AIOKafkaConsumer:

@@ -6,7 +6,6 @@ import json
 import shutil
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 from .process import ManagedProcess
 
@@ -69,8 +68,3 @@ class PrometheusServer(ManagedProcess):
 
     def targets(self) -> list[dict]:
         return self.api("targets", state="active")["activeTargets"]
-
-    @staticmethod
-    def write_config(path: Path, text: str) -> Path:
-        path.write_text(text)
-        return path

@@ -183,3 +183,26 @@ async def test_no_reply_is_lost_when_the_reply_path_fails_before_commit(settings
             await asyncio.sleep(0.1)
     answered = sorted(json.loads(r.value)["request_id"] for r in records)
     assert answered == sorted(request_ids)
+
+
+async def test_memory_backpressure_pauses_fetching_and_resumes_below_low_water(settings_for, topics, broker):
+    from consumer.app import build_service
+
+    rss = [10**12]
+    service = build_service(settings_for(memory_limit_mb=400, memory_low_water=0.8))
+    service.memory_guard.read_rss = lambda: rss[0]
+    async with running(service):
+        await wait_for(lambda: service.memory_guard.paused and service.consumer.paused(), what="fetching paused")
+        async with SearchClient(broker.bootstrap, topics["search_requests_topic"], topics["reply_topic"]) as client:
+            waiters = [await client.send({"request_id": f"bp-{n}", "query_text": f"q {n}"}) for n in range(10)]
+            polls = service.polls
+            await wait_for(lambda: service.polls >= polls + 3, what="loop keeps polling while paused")
+            assert service.batches == 0 and not any(w.done() for w in waiters), "records were fetched while paused"
+            rss[0] = 390 * 1024 * 1024
+            polls = service.polls
+            await wait_for(lambda: service.polls >= polls + 2, what="loop iterations")
+            assert service.memory_guard.paused, "resumed above the low-water mark"
+            rss[0] = 100 * 1024 * 1024
+            replies = await asyncio.wait_for(asyncio.gather(*waiters), 60)
+    assert sorted(r["request_id"] for r in replies) == sorted(f"bp-{n}" for n in range(10))
+    assert service.memory_guard.pauses == 1

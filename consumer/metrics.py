@@ -1,0 +1,275 @@
+"""Every Prometheus metric of the service, defined in one place.
+
+One ``ServiceMetrics`` per replica, each with its own ``CollectorRegistry`` (tests
+run several replicas in one process). Counters and histograms are updated by the
+service loop through ``observe_batch``, ``observe_search``, ``update_lag`` and
+``set_paused``; memory, model and index gauges are read from the live objects at
+scrape time by ``_LiveCollector``, so every scrape shows current values.
+
+Names follow Prometheus conventions: prefix ``clip_search_``, base units
+(``_bytes``, ``_seconds``), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from consumer import memory
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.encoder import Encoder
+    from consumer.feature_index import FeatureIndex
+    from consumer.transport import Outbound
+
+log = logging.getLogger(__name__)
+
+PREFIX = "clip_search"
+OK = "ok"
+TOWERS = ("text", "vision")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+RESULT_EVENT = b"search_result.v1"
+ERROR_EVENT = b"error_reply.v1"
+
+
+def _header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:
+    return next((v for k, v in headers if k == name), None)
+
+
+def _reply_outcome(message: Outbound) -> str | None:
+    """``ok`` or the error code of a reply message; None for any other message."""
+    kind = _header(message.headers, "event-type")
+    if kind == RESULT_EVENT:
+        return OK
+    if kind != ERROR_EVENT:
+        return None
+    try:
+        return str(json.loads(message.value)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+class _LiveCollector(Collector):
+    """Gauges sampled at scrape time from /proc, the cgroup, the encoder and the index."""
+
+    def __init__(self, owner: ServiceMetrics) -> None:
+        self.owner = owner
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        o = self.owner
+        proc = memory.proc_memory()
+        for name, value, doc in (
+            ("memory_rss_bytes", proc.rss, "Resident set size of the process (VmRSS)."),
+            ("memory_anon_bytes", proc.anon, "Resident anonymous memory of the process (RssAnon)."),
+            ("memory_peak_rss_bytes", proc.peak_rss, "Peak resident set size since start (VmHWM)."),
+            ("memory_limit_bytes", o.memory_limit_bytes, "Configured memory budget (MEMORY_LIMIT_MB); absent when unset."),
+            ("cgroup_memory_usage_bytes", memory.cgroup_usage_bytes(), "Memory charged to the container's cgroup."),
+            ("cgroup_memory_limit_bytes", memory.cgroup_limit_bytes(), "Hard memory limit of the container's cgroup."),
+        ):
+            if value is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        if o.encoder is not None:
+            held = o.encoder.tower_bytes
+            loads = o.encoder.load_counts
+            load_s = o.encoder.load_seconds
+            nbytes = GaugeMetricFamily(f"{PREFIX}_model_bytes", "Parameter bytes held by a loaded model tower.", labels=["tower"])
+            loaded = GaugeMetricFamily(f"{PREFIX}_model_loaded", "1 while the model tower is in memory.", labels=["tower"])
+            seconds = GaugeMetricFamily(f"{PREFIX}_model_load_seconds", "Duration of the tower's latest load.", labels=["tower"])
+            count = CounterMetricFamily(f"{PREFIX}_model_loads", "Completed loads of the model tower.", labels=["tower"])
+            for tower in TOWERS:
+                nbytes.add_metric([tower], held.get(tower, 0))
+                loaded.add_metric([tower], 1 if held.get(tower, 0) else 0)
+                count.add_metric([tower], loads.get(tower, 0))
+                if tower in load_s:
+                    seconds.add_metric([tower], load_s[tower])
+            yield from (nbytes, loaded, seconds, count)
+
+        if o.index is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_index_bytes", "Bytes of the in-memory feature index arrays.", value=o.index.nbytes)
+            yield GaugeMetricFamily(f"{PREFIX}_index_products", "Products in the in-memory feature index.", value=len(o.index))
+
+
+class ServiceMetrics:
+    """The metrics of one replica and the calls that update them.
+
+    ``encoder`` and ``index`` may be None (e.g. no product cache); their gauges
+    are then absent. ``memory_limit_bytes`` None leaves the limit gauge absent.
+    """
+
+    def __init__(
+        self,
+        *,
+        search_topic: str,
+        dead_letter_topic: str,
+        encoder: Encoder | None = None,
+        index: FeatureIndex | None = None,
+        memory_limit_bytes: int | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.search_topic = search_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.encoder = encoder
+        self.index = index
+        self.memory_limit_bytes = memory_limit_bytes
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(_LiveCollector(self))
+
+        self.info = Info(f"{PREFIX}_service", "Static facts about this replica.", registry=r)
+        self.info.info(labels or {})
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Records per micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            f"{PREFIX}_batch_duration_seconds",
+            "Time from a batch being collected to its offsets being committed.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.encode_duration = Histogram(
+            f"{PREFIX}_encode_duration_seconds", "Batched query encoding time per search batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.rank_duration = Histogram(
+            f"{PREFIX}_rank_duration_seconds", "Ranking time per search batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "End to end per search request: record timestamp to its reply acknowledged by the broker.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(f"{PREFIX}_requests", "Search requests consumed, by outcome (ok or error code).", ["outcome"], registry=r)
+        self.replies = Counter(f"{PREFIX}_replies", "Replies published, by outcome (ok or error code).", ["outcome"], registry=r)
+        self.product_updates = Counter(
+            f"{PREFIX}_product_updates", "Product updates consumed, by outcome (applied, stale or error code).", ["outcome"], registry=r
+        )
+        self.errors = Counter(f"{PREFIX}_errors", "Rejected input records, by error code.", ["code"], registry=r)
+        self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Records published to the dead-letter topic, by error code.", ["code"], registry=r)
+        self.consumer_lag = Gauge(
+            f"{PREFIX}_consumer_lag_records",
+            "Records not yet handed to the service per assigned partition (highwater - position).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.paused = Gauge(f"{PREFIX}_paused", "1 while consumption is paused by memory backpressure.", registry=r)
+        self.pauses = Counter(f"{PREFIX}_pauses", "Times consumption was paused by memory backpressure.", registry=r)
+        self.requests.labels(OK)
+        self.replies.labels(OK)
+        self._lag_labels: set[tuple[str, str]] = set()
+        self._paused = False
+
+    def observe_search(self, replies: Sequence[object]) -> None:
+        """Encode and rank time of one search batch, from the timings of its first successful reply."""
+        timings = next((t for t in (getattr(r, "timings", None) for r in replies) if t is not None), None)
+        if timings is not None:
+            self.encode_duration.observe(timings.encode_ms / 1000.0)
+            self.rank_duration.observe(timings.rank_ms / 1000.0)
+
+    def observe_batch(
+        self,
+        records: Sequence[ConsumerRecord],
+        outbound: Sequence[Outbound],
+        *,
+        products_applied: int = 0,
+        products_stale: int = 0,
+        rewind: Mapping[TopicPartition, int] | None = None,
+        started: float,
+        acknowledged_at: float | None = None,
+    ) -> None:
+        """Account for one committed batch.
+
+        ``outbound`` is what was published for ``records``; outcomes are read
+        from it (dead-letter ``error.code``/``source.*`` headers, reply
+        ``event-type``). ``started`` is the ``time.monotonic()`` when the batch
+        was collected; ``acknowledged_at`` the epoch time its messages were
+        acknowledged (default: now). Records at or after a ``rewind`` offset of
+        their partition will be re-delivered, so they are not counted now.
+        """
+        acknowledged_at = time.time() if acknowledged_at is None else acknowledged_at
+        self.batch_size.observe(len(records))
+        self.batch_duration.observe(time.monotonic() - started)
+
+        rejected: dict[tuple[str, int, int], str] = {}
+        for m in outbound:
+            if m.topic == self.dead_letter_topic:
+                code = (_header(m.headers, "error.code") or b"unknown").decode(errors="replace")
+                self.dead_letters.labels(code).inc()
+                try:
+                    source = (
+                        (_header(m.headers, "source.topic") or b"").decode(),
+                        int(_header(m.headers, "source.partition") or -1),
+                        int(_header(m.headers, "source.offset") or -1),
+                    )
+                except ValueError:
+                    continue
+                rejected[source] = code
+            elif (outcome := _reply_outcome(m)) is not None:
+                self.replies.labels(outcome).inc()
+
+        product_outcomes: Tally[str] = Tally()
+        for r in records:
+            if rewind and r.offset >= rewind.get(TopicPartition(r.topic, r.partition), r.offset + 1):
+                continue
+            code = rejected.get((r.topic, r.partition, r.offset))
+            if code is not None:
+                self.errors.labels(code).inc()
+            if r.topic == self.search_topic:
+                self.requests.labels(code or OK).inc()
+                if r.timestamp and r.timestamp > 0:
+                    self.request_duration.observe(max(0.0, acknowledged_at - r.timestamp / 1000.0))
+            elif code is not None:
+                product_outcomes[code] += 1
+        product_outcomes["applied"] += products_applied
+        product_outcomes["stale"] += products_stale
+        for outcome, n in product_outcomes.items():
+            if n:
+                self.product_updates.labels(outcome).inc(n)
+
+    async def update_lag(self, consumer: AIOKafkaConsumer | None, timeout_s: float = 0.5) -> None:
+        """Set lag = highwater - position per assigned partition whose highwater is known; drop unassigned ones."""
+        assigned = list(consumer.assignment()) if consumer is not None else []
+        keep = {(tp.topic, str(tp.partition)) for tp in assigned}
+        for key in self._lag_labels - keep:
+            self.consumer_lag.remove(*key)
+        self._lag_labels &= keep
+        for tp in assigned:
+            try:
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                position = await asyncio.wait_for(consumer.position(tp), timeout_s)
+            except Exception as exc:  # revoked meanwhile or no position yet: the next update reports it
+                log.debug("no lag for %s: %r", tp, exc)
+                continue
+            key = (tp.topic, str(tp.partition))
+            self.consumer_lag.labels(*key).set(max(0, high - position))
+            self._lag_labels.add(key)
+
+    def set_paused(self, paused: bool) -> None:
+        """Record the backpressure state; each change from running to paused counts one pause."""
+        if paused and not self._paused:
+            self.pauses.inc()
+        self._paused = paused
+        self.paused.set(1 if paused else 0)
