@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -33,12 +35,37 @@ def embedding_dim(model: str) -> int:
     return int(model_config(model)["projection_dim"])
 
 
+def onnx_dir_for(settings: Settings) -> Path:
+    """Where the ONNX export of ``CLIP_MODEL`` lives: ``ONNX_DIR``, else a per-model folder in ``MODEL_CACHE_DIR``."""
+    if settings.onnx_dir:
+        return Path(settings.onnx_dir)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", settings.clip_model.strip("/"))[-60:]
+    digest = hashlib.sha256(settings.clip_model.encode()).hexdigest()[:8]
+    return Path(settings.model_cache_dir).expanduser() / "onnx" / f"{slug}-{digest}-{settings.onnx_quantize}"
+
+
 def build_encoder(settings: Settings) -> Encoder:
-    return Encoder(
-        TorchBackend(settings.clip_model, settings.torch_num_threads),
-        model_id=settings.clip_model,
-        random_weights=is_random_model(settings.clip_model),
-    )
+    """The encoder for ``ENCODER_BACKEND``; for onnx, exports ``CLIP_MODEL`` once in a child process if needed.
+
+    The model id recorded with every stored feature names the backend's precision, so features
+    of different precisions are never mixed (switching re-encodes the catalog).
+    """
+    if settings.encoder_backend == "torch":
+        return Encoder(
+            TorchBackend(settings.clip_model, settings.torch_num_threads),
+            model_id=settings.clip_model,
+            random_weights=is_random_model(settings.clip_model),
+        )
+    from consumer.onnx_backend import OnnxBackend
+    from consumer.onnx_export import export_in_subprocess, is_current
+
+    out = onnx_dir_for(settings)
+    if not is_current(settings.clip_model, out, quantize=settings.onnx_quantize):
+        log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, settings.onnx_quantize, out)
+        export_in_subprocess(settings.clip_model, out, quantize=settings.onnx_quantize)
+    backend = OnnxBackend(str(out), settings.torch_num_threads, max_batch=max(settings.max_batch_size, 1))
+    suffix = "" if settings.onnx_quantize == "none" else f"#onnx-{settings.onnx_quantize}"
+    return Encoder(backend, model_id=settings.clip_model + suffix, random_weights=backend.random_weights)
 
 
 def build_store(settings: Settings):

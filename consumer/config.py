@@ -58,7 +58,15 @@ class Settings(SecuritySettings, BaseSettings):
     store_chunk_rows: Annotated[int, Field(ge=64)] = 4096
 
     clip_model: str = "openai/clip-vit-base-patch32"
-    torch_num_threads: Annotated[int, Field(ge=1)] | None = None
+    torch_num_threads: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="intra-op threads of the encoder (torch or ONNX Runtime); default: one per core"
+    )
+    encoder_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: ONNX Runtime, exported once from CLIP_MODEL, no torch in the serving process"
+    )
+    onnx_quantize: Literal["int8", "none"] = "int8"
+    onnx_dir: str | None = Field(None, description="ONNX export of CLIP_MODEL; default under MODEL_CACHE_DIR")
+    model_cache_dir: str = "~/.cache/clip-search"
     feature_dtype: Literal["float32", "float16", "int8"] = "float32"
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024

@@ -139,8 +139,8 @@ class _TorchText:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
 
         self._torch = _import_torch(threads)
-        self.tokenizer = CLIPTokenizerFast.from_pretrained(model_dir)
-        self.model = CLIPTextModelWithProjection.from_pretrained(model_dir).eval()
+        self.tokenizer = CLIPTokenizerFast.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
+        self.model = CLIPTextModelWithProjection.from_pretrained(model_dir).eval()  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
         self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -155,7 +155,7 @@ class _TorchVision:
         from transformers import CLIPVisionModelWithProjection
 
         self._torch = _import_torch(threads)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
+        self.model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
         self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:

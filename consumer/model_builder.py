@@ -125,7 +125,7 @@ def build_tokenizer(bpe_path: Path = BPE_PATH) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:
         write_vocab_files(Path(tmp), bpe_path)
-        tokenizer = CLIPTokenizerFast.from_pretrained(
+        tokenizer = CLIPTokenizerFast.from_pretrained(  # nosec B615  # a temporary local directory, never the hub
             tmp,
             bos_token=BOS_TOKEN,
             eos_token=EOS_TOKEN,

@@ -18,6 +18,7 @@ from devservices import TansuBroker, create_topics
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("CLIP_SEARCH_MODEL_CACHE", REPO / ".cache" / "models"))
+os.environ.setdefault("MODEL_CACHE_DIR", str(REPO / ".cache"))
 
 
 @pytest.fixture(scope="session")

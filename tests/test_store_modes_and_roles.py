@@ -32,6 +32,9 @@ def ranked(reply):
 
 
 async def test_restart_reuses_stored_features_and_on_demand_equals_cached(settings_for, store_settings, broker, topics):
+    # fp32 ONNX: int8 dynamic quantization scales activations per batch, so a query's embedding
+    # moves by ~1e-3 with its batch mates; this test compares ranking modes, not encoders.
+    store_settings = store_settings | {"onnx_quantize": "none"}
     catalog = TEXT_PRODUCTS + load_catalog()
     first = build_service(settings_for(**store_settings))
     async with running(first):
@@ -61,7 +64,7 @@ async def test_restart_reuses_stored_features_and_on_demand_equals_cached(settin
         assert od["status"] == "ok" and cached["status"] == "ok"
         assert [p for p, _ in ranked(od)] == [p for p, _ in ranked(cached)]
         for (_, s1), (_, s2) in zip(ranked(od), ranked(cached)):
-            assert abs(s1 - s2) <= 1e-3
+            assert abs(s1 - s2) <= 1e-3, (od, cached)
     assert any(len(r["items"]) > 1 for r in streamed)
 
 
@@ -140,6 +143,6 @@ async def test_products_stored_by_another_model_are_reencoded_not_mixed_in(setti
         assert service.product_handler.encoded_products == 2
         assert {pid: service.index.version_of(pid) for pid in ("old-text", "old-image")} == {"old-text": 3, "old-image": 4}
         stored = await service.store.get_versions(["old-text", "old-image"])
-        assert {v[1] for v in stored.values()} == {settings.clip_model}
+        assert {v[1] for v in stored.values()} == {service.encoder.model_id}
         reply = await ask_all(broker.bootstrap, topics, [{"query_text": "Old text product", "top_k": 1}])
     assert reply[0]["items"][0]["product_id"] == "old-text" and reply[0]["items"][0]["score"] > 0.999
