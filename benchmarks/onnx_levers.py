@@ -39,26 +39,42 @@ QUERIES = 200
 IMAGES = 16
 TEXT_BATCHES = {1: 30, 8: 15, 32: 8}
 VISION_BATCHES = {1: 12, 8: 5}
+TOWERS = ("text", "vision")
 
-ADJECTIVES = "red blue green black white leather cotton wooden steel vintage modern slim waterproof wireless organic compact oversized soft heavy-duty linen".split()
-ITEMS = "running shoes|rain jacket|desk lamp|office chair|hiking backpack|smart watch|noise cancelling headphones|electric kettle|coffee mug|corner sofa|standing desk|wool blanket|canvas sneakers|summer dress|mirrorless camera|water bottle|camping tent|chef knife|memory foam pillow|bluetooth speaker".split("|")
-AUDIENCES = "men women kids travel the office the kitchen outdoor use gaming winter".split(" ")
-DETAILS = "with free shipping|in three sizes|made from recycled materials|with a two year warranty|machine washable|for everyday use|with adjustable straps|limited edition".split("|")
+ADJECTIVES = (
+    "red blue green black white leather cotton wooden steel vintage modern slim waterproof wireless organic compact"
+    " oversized soft heavy-duty linen"
+).split()
+ITEMS = [
+    "running shoes", "rain jacket", "desk lamp", "office chair", "hiking backpack", "smart watch",
+    "noise cancelling headphones", "electric kettle", "coffee mug", "corner sofa", "standing desk", "wool blanket",
+    "canvas sneakers", "summer dress", "mirrorless camera", "water bottle", "camping tent", "chef knife",
+    "memory foam pillow", "bluetooth speaker",
+]
+AUDIENCES = ["men", "women", "kids", "travel", "the office", "the kitchen", "outdoor use", "gaming", "winter"]
+DETAILS = [
+    "with free shipping", "in three sizes", "made from recycled materials", "with a two year warranty",
+    "machine washable", "for everyday use", "with adjustable straps", "limited edition",
+]
 
+TEXT, VISION = {"tower": "text"}, {"tower": "vision"}
+TORCH = {"runtime": "torch"}
+FP32 = {"runtime": "onnx", "quantize": "none", "max_batch": 32}
+INT8 = {"runtime": "onnx", "quantize": "int8", "max_batch": 32}
 CONFIGS: list[dict] = [
-    {"label": "torch fp32", "tower": "text", "runtime": "torch"},
-    {"label": "ORT fp32 .onnx", "tower": "text", "runtime": "onnx", "quantize": "none", "mmap": False},
-    {"label": "ORT fp32 .ort mmap", "tower": "text", "runtime": "onnx", "quantize": "none", "mmap": True},
-    {"label": "ORT int8 .onnx, no arena", "tower": "text", "runtime": "onnx", "quantize": "int8", "mmap": False, "arena": False},
-    {"label": "ORT int8 .onnx", "tower": "text", "runtime": "onnx", "quantize": "int8", "mmap": False, "arena_shrink": False},
-    {"label": "ORT int8 .onnx +shrink", "tower": "text", "runtime": "onnx", "quantize": "int8", "mmap": False},
-    {"label": "ORT int8 .ort mmap +shrink (default)", "tower": "text", "runtime": "onnx", "quantize": "int8"},
-    {"label": "ORT int8 .ort mmap +shrink, max_batch 8", "tower": "text", "runtime": "onnx", "quantize": "int8", "max_batch": 8},
-    {"label": "torch fp32", "tower": "vision", "runtime": "torch"},
-    {"label": "ORT fp32 .onnx", "tower": "vision", "runtime": "onnx", "quantize": "none", "mmap": False},
-    {"label": "ORT fp32 .ort mmap", "tower": "vision", "runtime": "onnx", "quantize": "none", "mmap": True},
-    {"label": "ORT int8 .onnx", "tower": "vision", "runtime": "onnx", "quantize": "int8", "mmap": False, "arena_shrink": False},
-    {"label": "ORT int8 .ort mmap +shrink (default)", "tower": "vision", "runtime": "onnx", "quantize": "int8"},
+    {"label": "torch fp32", **TEXT, **TORCH},
+    {"label": "ORT fp32 .onnx", **TEXT, **FP32, "mmap": False},
+    {"label": "ORT fp32 .ort mmap", **TEXT, **FP32, "mmap": True},
+    {"label": "ORT int8 .onnx, no arena", **TEXT, **INT8, "mmap": False, "arena": False},
+    {"label": "ORT int8 .onnx", **TEXT, **INT8, "mmap": False, "arena_shrink": False},
+    {"label": "ORT int8 .onnx +shrink", **TEXT, **INT8, "mmap": False},
+    {"label": "ORT int8 .ort mmap +shrink", **TEXT, **INT8},
+    {"label": "ORT int8 .ort mmap +shrink, max_batch 8 (default)", **TEXT, "runtime": "onnx", "quantize": "int8"},
+    {"label": "torch fp32", **VISION, **TORCH},
+    {"label": "ORT fp32 .onnx", **VISION, **FP32, "mmap": False},
+    {"label": "ORT fp32 .ort mmap", **VISION, **FP32, "mmap": True},
+    {"label": "ORT int8 .onnx", **VISION, **INT8, "mmap": False, "arena_shrink": False},
+    {"label": "ORT int8 .ort mmap +shrink, max_batch 8 (default)", **VISION, "runtime": "onnx", "quantize": "int8"},
 ]
 
 
@@ -95,12 +111,16 @@ def images() -> np.ndarray:
     files = sorted((REPO / "producer_examples" / "catalog" / "images").glob("*.png"))
     out = [clip_pixels(Image.open(p).convert("RGB")) for p in files[:IMAGES]]
     rng = np.random.default_rng(7)
+
+    def colour() -> tuple[int, ...]:
+        return tuple(int(c) for c in rng.integers(0, 256, 3))
+
     while len(out) < IMAGES:
-        img = Image.new("RGB", (int(rng.integers(200, 400)), int(rng.integers(200, 400))), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img = Image.new("RGB", (int(rng.integers(200, 400)), int(rng.integers(200, 400))), colour())
         draw = ImageDraw.Draw(img)
         for _ in range(6):
             x0, y0 = int(rng.integers(0, 150)), int(rng.integers(0, 150))
-            draw.ellipse((x0, y0, x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 200))), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw.ellipse((x0, y0, x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 200))), fill=colour())
         out.append(clip_pixels(img))
     return np.stack(out)
 
@@ -184,7 +204,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def fidelity(rows: list[dict], tmp: Path) -> None:
     """Fill ``fidelity`` of each row against the torch fp32 row of the same tower."""
-    ref = {t: next(i for i, c in enumerate(CONFIGS) if c["tower"] == t and c["runtime"] == "torch") for t in ("text", "vision")}
+    ref = {t: next(i for i, c in enumerate(CONFIGS) if c["tower"] == t and c["runtime"] == "torch") for t in TOWERS}
     ref_text, ref_vision = np.load(tmp / f"{ref['text']}.npz"), np.load(tmp / f"{ref['vision']}.npz")
     prod = normalise(ref_text["products"]) if "products" in ref_text else None
     ref_q = normalise(ref_text["queries"])
@@ -193,7 +213,8 @@ def fidelity(rows: list[dict], tmp: Path) -> None:
         emb = np.load(tmp / f"{i}.npz")
         if row["tower"] == "text":
             q = normalise(emb["queries"])
-            fid = {"mean_cos": float(np.sum(q * ref_q, axis=1).mean()), "min_cos": float(np.sum(q * ref_q, axis=1).min())}
+            cos = np.sum(q * ref_q, axis=1)
+            fid = {"mean_cos": float(cos.mean()), "min_cos": float(cos.min())}
             if ref_top is not None:
                 top = np.argsort(-(q @ prod.T), axis=1)[:, :10]
                 fid["recall@10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)]))
@@ -205,7 +226,7 @@ def fidelity(rows: list[dict], tmp: Path) -> None:
 
 
 def print_table(rows: list[dict], clock: str) -> None:
-    head = f"{'tower':6} {'config':42} {'file MB':>7} {'load s':>6} {'RSS':>5} {'Anon':>5} {'HWM':>5} {'RSS run':>7} {'HWM run':>7} {'HWM 32x77':>9}  {'latency ms, min (median)':40} {'cos':>7} {'R@10':>5}"
+    head = f"{'tower':6} {'config':50} {'file MB':>7} {'load s':>6} {'RSS':>5} {'Anon':>5} {'HWM':>5} {'RSS run':>7} {'HWM run':>7} {'HWM 32x77':>9}  {'latency ms, min (median)':40} {'cos':>7} {'R@10':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -214,7 +235,7 @@ def print_table(rows: list[dict], clock: str) -> None:
         worst = r.get("after_worst_batch", {}).get("VmHWM")
         fid = r.get("fidelity", {})
         print(
-            f"{r['tower']:6} {r['label']:42} {r['nbytes'] / 1e6:7.0f} {r['load_s']:6.2f} {r['loaded']['VmRSS']:5.0f} {r['loaded']['RssAnon']:5.0f} "
+            f"{r['tower']:6} {r['label']:50} {r['nbytes'] / 1e6:7.0f} {r['load_s']:6.2f} {r['loaded']['VmRSS']:5.0f} {r['loaded']['RssAnon']:5.0f} "
             f"{r['loaded']['VmHWM']:5.0f} {r['after_runs']['VmRSS']:7.0f} {r['after_runs']['VmHWM']:7.0f} {worst if worst else '-':>9}  {lat:40} "
             f"{fid.get('mean_cos', float('nan')):7.4f} {fid.get('recall@10', float('nan')):5.3f}"
         )

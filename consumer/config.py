@@ -43,6 +43,9 @@ class Settings(SecuritySettings, BaseSettings):
     kafka_session_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
     kafka_heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
     kafka_max_request_size: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    kafka_fetch_max_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        20, description="longest a fetch waits on the broker for new records; bounds added request latency"
+    )
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     max_batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 10

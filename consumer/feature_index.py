@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from consumer.int8_kernel import Int8Scorer, to_offset_uint8
 from consumer.ranking import Hit, Query, RunningTopK, filter_mask
 
 __all__ = ["FeatureIndex", "ProductMeta", "StorageDType"]
@@ -38,7 +39,8 @@ class FeatureIndex:
     """Slot-per-product feature matrix with versioned upserts and exact chunked search.
 
     Vectors are stored L2-normalised as float32, float16 (plain cast) or int8
-    (symmetric per-vector scale = max|v| / 127). Scores are dot products of the
+    (symmetric per-vector scale = max|v| / 127, held as uint8 = int8 + 128 and scored
+    against per-row int8-quantised queries by ``consumer.int8_kernel``). Scores are dot products of the
     (assumed normalised) queries with the stored vectors, i.e. cosine similarity
     up to quantisation error. Versions are monotonic per product id: an upsert or
     delete whose version is not newer than what the index has seen is ignored.
@@ -47,6 +49,7 @@ class FeatureIndex:
     __slots__ = (
         "_alive",
         "_buffer",
+        "_int8",
         "_categories",
         "_category_codes",
         "_chunk_rows",
@@ -80,7 +83,7 @@ class FeatureIndex:
         self._dim = dim
         self._dtype: StorageDType = dtype
         self._chunk_rows = chunk_rows
-        self._matrix = np.zeros((capacity, dim), dtype=np.dtype(dtype))
+        self._matrix = np.full((capacity, dim), 128, dtype=np.uint8) if dtype == "int8" else np.zeros((capacity, dim), dtype=np.dtype(dtype))
         self._scales = np.zeros(capacity, dtype=np.float32) if dtype == "int8" else None
         self._categories = np.full(capacity, _NO_CATEGORY, dtype=np.int32)
         self._prices = np.full(capacity, np.nan, dtype=np.float64)
@@ -93,6 +96,7 @@ class FeatureIndex:
         self._high_water = 0
         self._category_codes: dict[str, int] = {}
         self._buffer: np.ndarray | None = None
+        self._int8 = Int8Scorer() if dtype == "int8" else None
 
     @property
     def dim(self) -> int:
@@ -174,7 +178,7 @@ class FeatureIndex:
         if self._scales is not None:
             peak = float(np.max(np.abs(vector)))
             scale = peak / 127.0
-            self._matrix[slot] = np.clip(np.rint(vector / np.float32(scale)), -127, 127)
+            self._matrix[slot] = to_offset_uint8(np.clip(np.rint(vector / np.float32(scale)), -127, 127))
             self._scales[slot] = scale
         else:
             self._matrix[slot] = vector
@@ -254,6 +258,8 @@ class FeatureIndex:
         chunk = self._matrix[start:end]
         if self._dtype == "float32":
             return queries @ chunk.T
+        if self._dtype == "int8":
+            return self._int8.scores(chunk, queries) * self._scales[start:end]
         if self._buffer is None:
             self._buffer = np.empty((self._chunk_rows, self._dim), dtype=np.float32)
         buffer = self._buffer[: end - start]

@@ -36,6 +36,7 @@ def make_consumer(settings: Settings, group_id: str, **overrides: object) -> AIO
         "auto_offset_reset": "earliest",
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "fetch_max_bytes": max(settings.max_message_bytes * 2, 52428800),
         "max_partition_fetch_bytes": max(settings.max_message_bytes + 65536, 1048576),
     }

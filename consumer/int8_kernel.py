@@ -1,0 +1,73 @@
+"""Exact int8 dot products on ONNX Runtime's u8 x s8 ``MatMulInteger`` kernel.
+
+numpy has no int8 BLAS: ranking an int8 feature matrix in numpy means up-casting every
+row to float32 first (about 20 ms for 100k x 512 rows per search on 2 cores). ONNX
+Runtime's MLAS kernel multiplies uint8 by int8 directly with SIMD (about 7 ms for one
+query, 12 ms for 32). Features are stored as uint8 = int8 + 128, so
+
+    f_int8 . q_int8 = (f_uint8 . q_int8) - 128 * sum(q_int8)
+
+exactly, in int32. Queries are quantised per row (symmetric, scale = max|q| / 127).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_OFFSET = 128
+
+
+def _model_bytes() -> bytes:
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("features", TensorProto.UINT8, ["n", "d"])
+    b = helper.make_tensor_value_info("queries", TensorProto.INT8, ["d", "q"])
+    y = helper.make_tensor_value_info("scores", TensorProto.INT32, ["n", "q"])
+    node = helper.make_node("MatMulInteger", ["features", "queries"], ["scores"])
+    graph = helper.make_graph([node], "int8_scores", [a, b], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def quantise_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: (values, scales) with x ~= values * scales[:, None]."""
+    peak = np.max(np.abs(x), axis=1)
+    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    values = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    return values, scales
+
+
+class Int8Scorer:
+    """Scores ``queries`` [q, d] float32 against uint8-offset features [n, d]; thread-safe after first use."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self._session = None
+        self._lock = threading.Lock()
+
+    def _get_session(self):
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    import onnxruntime as ort
+
+                    options = ort.SessionOptions()
+                    if self.threads:
+                        options.intra_op_num_threads = self.threads
+                    options.inter_op_num_threads = 1
+                    self._session = ort.InferenceSession(_model_bytes(), options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def scores(self, features_u8: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """float32 [q, n] = (features - 128) . quantised(queries), before the features' own scales."""
+        q_values, q_scales = quantise_rows(np.asarray(queries, dtype=np.float32))
+        b = np.ascontiguousarray(q_values.T)
+        raw = self._get_session().run(None, {"features": np.ascontiguousarray(features_u8), "queries": b})[0]
+        raw -= _OFFSET * b.sum(axis=0, dtype=np.int32)
+        return raw.T.astype(np.float32) * q_scales[:, None]
+
+
+def to_offset_uint8(values: np.ndarray) -> np.ndarray:
+    """int8 -> the uint8 storage of this module (value + 128)."""
+    return (values.astype(np.int16) + _OFFSET).astype(np.uint8)
