@@ -63,7 +63,7 @@ def build_encoder(settings: Settings) -> Encoder:
     if not is_current(settings.clip_model, out, quantize=settings.onnx_quantize):
         log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, settings.onnx_quantize, out)
         export_in_subprocess(settings.clip_model, out, quantize=settings.onnx_quantize)
-    backend = OnnxBackend(str(out), settings.torch_num_threads, max_batch=max(settings.max_batch_size, 1))
+    backend = OnnxBackend(str(out), settings.torch_num_threads)
     suffix = "" if settings.onnx_quantize == "none" else f"#onnx-{settings.onnx_quantize}"
     return Encoder(backend, model_id=settings.clip_model + suffix, random_weights=backend.random_weights)
 
