@@ -17,6 +17,7 @@ async def collect_batch(
     max_wait_s: float,
     idle_timeout_s: float,
     clock: Callable[[], float] = time.monotonic,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[T]:
     """Collect one batch of at most max_size items.
 
@@ -30,6 +31,9 @@ async def collect_batch(
     keeps fetching with the remaining time until max_size items are collected or
     max_wait_s has elapsed since then. With max_wait_s <= 0 the result is exactly
     what that first non-empty fetch returned. Items keep their fetch order.
+
+    stop() is checked after every fetch: once true, what was collected so far is
+    returned at once (possibly []), without waiting out the remaining time.
     """
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
@@ -39,10 +43,10 @@ async def collect_batch(
         _check_size(batch, max_size)
         if batch:
             break
-        if clock() >= idle_deadline:
+        if clock() >= idle_deadline or stop():
             return []
     deadline = clock() + max_wait_s
-    while len(batch) < max_size:
+    while len(batch) < max_size and not stop():
         remaining = deadline - clock()
         if remaining <= 0:
             break

@@ -9,7 +9,9 @@ Contract per batch (at-least-once, nothing lost):
 3. All outbound messages are published and acknowledged by the broker.
 4. Only then are the batch's offsets committed. A crash anywhere before step 4
    re-delivers the batch to this or another replica.
-A rebalance waits for the batch in flight to finish (the revoke callback blocks).
+A rebalance waits for the batch in flight to finish (the revoke callback blocks);
+records count as in flight from the moment ``collect_batch`` receives them, and a
+pending rebalance cuts the collection short.
 """
 
 from __future__ import annotations
@@ -253,7 +255,8 @@ class Service:
             self._resume_due_partitions()
             try:
                 records = await collect_batch(
-                    self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5
+                    self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5,
+                    stop=lambda: self._stopping.is_set() or self._revoking.is_set(),
                 )
                 self.polls += 1
                 await self.metrics.update_lag(self.consumer)
@@ -341,15 +344,9 @@ class Service:
         waits until they are answered and committed rather than re-delivering them to another owner.
 
         While a rebalance waits, nothing more is fetched (aiokafka's getmany would block until the new
-        assignment): the fetch in progress is abandoned and the batch in hand completes after its wait.
+        assignment): the fetch in progress is abandoned and ``collect_batch`` returns the batch in hand.
         """
-        if self._stopping.is_set():
-            return []
-        if self._revoking.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        if self._stopping.is_set() or self._revoking.is_set():
             return []
         fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
         revoking = asyncio.ensure_future(self._revoking.wait())

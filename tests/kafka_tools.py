@@ -104,7 +104,7 @@ class Tap:
 
     async def __aenter__(self) -> Tap:
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=20
         )
         await self.consumer.start()
         tps = [tp for t in self.topics for tp in await _partitions(self.consumer, t)]

@@ -103,3 +103,13 @@ async def test_invalid_max_size() -> None:
     broker = FakeBroker([])
     with pytest.raises(ValueError):
         await collect_batch(broker.fetch, 0, 1.0, 1.0, clock=broker.clock)
+
+
+
+async def test_stop_returns_the_batch_in_hand_without_waiting():
+    broker = FakeBroker([(0.0, 1), (0.1, 2), (5.0, 3)])
+    batch = await collect_batch(broker.fetch, 10, max_wait_s=10.0, idle_timeout_s=1.0, clock=broker.clock, stop=lambda: broker.now >= 0.1)
+    assert batch == [1, 2] and broker.now < 1.0, "kept collecting after stop()"
+    calls = len(broker.calls)
+    assert await collect_batch(broker.fetch, 10, max_wait_s=10.0, idle_timeout_s=3.0, clock=broker.clock, stop=lambda: True) == []
+    assert len(broker.calls) == calls + 1, "the idle wait went on after stop()"
