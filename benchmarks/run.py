@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import signal
+import tempfile
 import subprocess
 import sys
 import threading
@@ -295,7 +296,7 @@ def main() -> int:
     report["prepare_model_s"] = round(time.monotonic() - t, 1)
     print(f"model ready ({report['prepare_model_s']} s); catalog of {n} products ...", flush=True)
 
-    with TansuBroker() as broker, MongoServer(storage_path=":memory:") as mongo:
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir, TansuBroker() as broker, MongoServer(storage_path=store_dir) as mongo:
         bootstrap = broker.bootstrap
         asyncio.run(create_topics(bootstrap, [scenario_topics(s)["SEARCH_REQUESTS_TOPIC"] for s in SCENARIOS], partitions=4))
         asyncio.run(create_topics(bootstrap, [scenario_topics(s)["REPLY_TOPIC"] for s in SCENARIOS]))

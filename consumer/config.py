@@ -80,6 +80,9 @@ class Settings(SecuritySettings, BaseSettings):
         None,
         description="soft memory limit in MiB: above it fetching pauses until RSS is under MEMORY_LOW_WATER x limit",
     )
+    model_idle_unload_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="unload the image tower after this many seconds without an image; unset: keep it"
+    )
     memory_low_water: Annotated[float, Field(gt=0.1, lt=1.0)] = 0.85
 
     dlq_max_ratio: Annotated[float, Field(gt=0, le=1.0)] = 0.5

@@ -269,6 +269,11 @@ class FeatureIndex:
             scores *= self._scales[start:end]
         return scores
 
+    def reserve(self, products: int) -> None:
+        """Room for ``products`` slots in one allocation, so a bulk load of a known size leaves no growth slack."""
+        if products > self.capacity:
+            self._grow(products)
+
     def _allocate_slot(self) -> int:
         if self._free:
             return self._free.pop()

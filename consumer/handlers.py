@@ -340,6 +340,7 @@ class ProductHandler:
         self.image_limits = image_limits
         self.before_apply = before_apply
         self.encoded_products = 0
+        self.encoded_images = 0
 
     async def held_versions(self, updates: Sequence[ProductUpdated]) -> dict[str, int]:
         ids = list({u.product_id for u in updates})
@@ -373,6 +374,7 @@ class ProductHandler:
             for (i, _), vec in zip(images, emb):
                 out[i] = vec
         self.encoded_products += len(texts) + len(images)
+        self.encoded_images += len(images)
         return out
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:

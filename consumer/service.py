@@ -177,6 +177,7 @@ class Service:
             self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock)
             await self.follower.start()
             await self.follower.catch_up()
+            release_memory()
             self.follower.run_in_background()
         self.consumer = make_consumer(s, group)
         await self._with_backoff("connect the consumer", lambda: start_kafka_client(s, self.consumer))
@@ -202,9 +203,11 @@ class Service:
 
     async def _fill_index_from_store(self) -> None:
         """Cached mode start: load every product stored with this model id; nothing is re-encoded."""
+        self.index.reserve(len(self.index) + await self.store.count(self.encoder.model_id))
         loaded = 0
         async for meta, feature in self.store.iter_products(self.encoder.model_id):
             loaded += self.index.upsert(meta, feature)
+        release_memory()
         log.info("filled the feature index from the store: %d products", loaded)
 
     async def _publish_features(self, outcomes: list[ProductOutcome]) -> None:
@@ -264,9 +267,11 @@ class Service:
                 self._idle.set()
                 raise
             if not records:
+                self._unload_idle_vision()
                 continue
             self._idle.clear()
             started = time.monotonic()
+            images_before = self.product_handler.encoded_images
             try:
                 report, outbound = await self.process(records)
                 await self._with_backoff("publish replies", lambda: self.publish(outbound))
@@ -283,6 +288,8 @@ class Service:
                 self.replies_sent += report.replies + report.error_replies
             finally:
                 self._idle.set()
+            if self.product_handler.encoded_images != images_before:
+                release_memory()
             for n in range(report.messages):
                 self.dead_letter_policy.record(n < report.dead_letters)
             if self.dead_letter_policy.tripped():
@@ -291,6 +298,14 @@ class Service:
                     100 * self.dead_letter_policy.ratio, self.settings.dlq_window, self.settings.dlq_max_ratio,
                 )
                 raise DeadLetterRateExceeded(f"dead-letter ratio {self.dead_letter_policy.ratio:.2f} over {self.settings.dlq_window} messages")
+
+    def _unload_idle_vision(self) -> None:
+        """``MODEL_IDLE_UNLOAD_S``: drop the image tower after that long unused (it reloads on the next image)."""
+        limit = self.settings.model_idle_unload_s
+        idle = self.encoder.idle_seconds("vision")
+        if limit and idle is not None and idle >= limit and self.encoder.unload("vision"):
+            release_memory()
+            log.info("unloaded the vision tower after %.0f s idle", idle)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:

@@ -59,3 +59,18 @@ def test_embeddings_are_normalised_and_deterministic(tiny_model, backend, quanti
     assert img.shape == (2, emb.shape[1])
     assert encoder.load_counts == {"text": 1, "vision": 1}
     assert encoder.unload("vision") and encoder.tower_bytes["vision"] == 0
+
+
+async def test_idle_vision_tower_is_unloaded_after_model_idle_unload_s(tiny_model):
+    from consumer.app import build_service
+
+    settings = Settings(clip_model=tiny_model, model_idle_unload_s=0.01, _env_file=None)
+    service = build_service(settings)
+    pixels = np.stack([clip_pixels(Image.new("RGB", (32, 32), "green"))])
+    service.encoder.encode_images(pixels)
+    assert service.encoder.load_counts["vision"] == 1 and service.encoder.tower_bytes["vision"] > 0
+    service.encoder._slots["vision"].last_used -= 1.0
+    service._unload_idle_vision()
+    assert service.encoder.tower_bytes["vision"] == 0
+    service.encoder.encode_images(pixels)
+    assert service.encoder.load_counts["vision"] == 2
