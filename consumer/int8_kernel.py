@@ -56,6 +56,7 @@ class Int8Scorer:
                     if self.threads:
                         options.intra_op_num_threads = self.threads
                     options.inter_op_num_threads = 1
+                    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                     self._session = ort.InferenceSession(_model_bytes(), options, providers=["CPUExecutionProvider"])
         return self._session
 

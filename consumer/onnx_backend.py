@@ -42,6 +42,9 @@ def embedding_dim(onnx_dir: str | os.PathLike[str]) -> int:
 def session_options(threads: int | None, *, arena: bool = True, mmap: bool = False) -> ort.SessionOptions:
     """Session options used by the towers: sequential, one inter-op thread, ``threads`` intra-op threads.
 
+    Idle worker threads sleep instead of spinning: several sessions share the cores (text and
+    vision towers, the int8 ranking kernel), and spinning threads of one starve the next.
+
     ``mmap`` adds the settings that load an ORT-format file memory-mapped with its initializers
     used in place (pre-packing off, since it would copy the weights into anonymous memory).
     """
@@ -52,6 +55,7 @@ def session_options(threads: int | None, *, arena: bool = True, mmap: bool = Fal
     so.enable_cpu_mem_arena = arena
     so.enable_mem_pattern = False
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if mmap:
         so.add_session_config_entry("session.load_model_format", "ORT")
         so.add_session_config_entry("session.use_memory_mapped_ort_model", "1")

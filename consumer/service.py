@@ -184,22 +184,36 @@ class Service:
         self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
 
-    async def _reencode_other_models(self) -> None:
-        """Products stored by another model id are re-encoded with this one (same version), never mixed in."""
-        updates = [
-            ProductUpdated(
-                product_id=meta.product_id, version=meta.version, name=meta.name, description=meta.description,
-                category=meta.category, price=meta.price,
-                image_b64=base64.b64encode(image).decode() if image else None,
+    async def _reencode_other_models(self, chunk: int = 64) -> None:
+        """Products stored by another model id are re-encoded with this one (same version), never mixed in.
+
+        Streamed in chunks of ``chunk`` products, so memory stays bounded whatever the catalog size.
+        """
+        pending: list[ProductUpdated] = []
+        done = 0
+
+        async def flush() -> None:
+            nonlocal done
+            failed = [o for o in await self.product_handler.handle(pending) if o.status == "error"]
+            if failed:
+                log.warning("could not re-encode %d stored products: %s", len(failed), failed[0].error)
+            done += len(pending)
+            pending.clear()
+
+        async for meta, image in self.store.iter_stale_model_products(self.encoder.model_id):
+            pending.append(
+                ProductUpdated(
+                    product_id=meta.product_id, version=meta.version, name=meta.name, description=meta.description,
+                    category=meta.category, price=meta.price,
+                    image_b64=base64.b64encode(image).decode() if image else None,
+                )
             )
-            async for meta, image in self.store.iter_stale_model_products(self.encoder.model_id)
-        ]
-        for start in range(0, len(updates), 64):
-            outcomes = await self.product_handler.handle(updates[start : start + 64])
-            if s_failed := [o for o in outcomes if o.status == "error"]:
-                log.warning("could not re-encode %d stored products: %s", len(s_failed), s_failed[0].error)
-        if updates:
-            log.info("re-encoded %d products stored by another model", len(updates))
+            if len(pending) >= chunk:
+                await flush()
+        if pending:
+            await flush()
+        if done:
+            log.info("re-encoded %d products stored by another model", done)
 
     async def _fill_index_from_store(self) -> None:
         """Cached mode start: load every product stored with this model id; nothing is re-encoded."""
