@@ -15,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TMPDIR=/tmp \
     HF_HOME=/models/hf \
     XDG_CACHE_HOME=/models/cache \
+    MODEL_CACHE_DIR=/models/cache \
     METRICS_HOST=0.0.0.0 \
     METRICS_PORT=9100
 
@@ -30,9 +31,12 @@ COPY producer_examples ./producer_examples
 # No dev extra: test-only servers (SecantusDB is GPL) never enter the image.
 RUN pip install -c constraints.txt .
 
-# Optional: bake weights into the image (read-only at run time). Without it, mount them at /models.
+# Optional: bake weights and their ONNX int8 export into the image (read-only at run time; run with
+# CLIP_MODEL=/opt/models/clip ONNX_DIR=/opt/models/clip-onnx-int8). Without it, mount them at /models and
+# run the one-time export (clip-search-export-onnx, about 1 GB of memory) outside the 512 MB container.
 RUN if [ -n "$BAKE_MODEL" ]; then \
-      python -c "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], local_dir='/opt/models/clip', allow_patterns=['*.json', '*.txt', '*.safetensors'])" "$BAKE_MODEL"; \
+      python -c "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], local_dir='/opt/models/clip', allow_patterns=['*.json', '*.txt', '*.safetensors'])" "$BAKE_MODEL" \
+      && python -m consumer.onnx_export --model /opt/models/clip --out /opt/models/clip-onnx-int8 --quantize int8; \
     fi \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
  && mkdir -p /models \

@@ -114,6 +114,20 @@ def product_text(update: ProductUpdated) -> str:
     return ". ".join(parts)
 
 
+async def encode_rows(
+    encoder: Encoder, texts: list[tuple[int, str]], images: list[tuple[int, np.ndarray]]
+) -> list[tuple[int, np.ndarray]]:
+    """(row, embedding) for every text and image, in one batched call per modality, off the event loop."""
+    out: list[tuple[int, np.ndarray]] = []
+    if texts:
+        emb = await asyncio.to_thread(encoder.encode_text, [t for _, t in texts])
+        out.extend((i, vec) for (i, _), vec in zip(texts, emb))
+    if images:
+        emb = await asyncio.to_thread(encoder.encode_images, np.stack([p for _, p in images]))
+        out.extend((i, vec) for (i, _), vec in zip(images, emb))
+    return out
+
+
 class Ranker(Protocol):
     """Top-k products for a batch of normalised query embeddings."""
 
@@ -204,14 +218,10 @@ class SearchHandler:
             return outcomes  # type: ignore[return-value]
 
         enc_start = self.clock()
-        text_emb = await asyncio.to_thread(self.encoder.encode_text, [t for _, t in texts]) if texts else None
-        img_emb = await asyncio.to_thread(self.encoder.encode_images, np.stack([p for _, p in images])) if images else None
-        dim = (text_emb if text_emb is not None else img_emb).shape[1]
-        queries = np.zeros((len(batch), dim), dtype=np.float32)
-        for emb, rows in ((text_emb, texts), (img_emb, images)):
-            if emb is not None:
-                for (i, _), vec in zip(rows, emb):
-                    queries[i] += vec
+        vectors = await encode_rows(self.encoder, texts, images)
+        queries = np.zeros((len(batch), vectors[0][1].shape[0]), dtype=np.float32)
+        for i, vec in vectors:
+            queries[i] += vec
         queries = queries[live]
         queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         encode_s = self.clock() - enc_start
@@ -365,14 +375,8 @@ class ProductHandler:
                     out[i] = err
             else:
                 texts.append((i, product_text(u)))
-        if texts:
-            emb = await asyncio.to_thread(self.encoder.encode_text, [t for _, t in texts])
-            for (i, _), vec in zip(texts, emb):
-                out[i] = vec
-        if images:
-            emb = await asyncio.to_thread(self.encoder.encode_images, np.stack([p for _, p in images]))
-            for (i, _), vec in zip(images, emb):
-                out[i] = vec
+        for i, vec in await encode_rows(self.encoder, texts, images):
+            out[i] = vec
         self.encoded_products += len(texts) + len(images)
         self.encoded_images += len(images)
         return out
