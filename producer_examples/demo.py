@@ -83,6 +83,7 @@ def main() -> None:
         env = os.environ | TOPICS | {
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "CLIP_MODEL": model,
+            "MODEL_CACHE_DIR": os.environ.get("MODEL_CACHE_DIR", str(REPO / ".cache")),
             "KAFKA_SESSION_TIMEOUT_MS": "1500",
             "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
         }
