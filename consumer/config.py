@@ -58,6 +58,9 @@ class Settings(SecuritySettings, BaseSettings):
     mongodb_uri: str | None = Field(None, description="product store; required for CACHE_PRODUCTS=false and ROLE=ingest")
     mongodb_database: str = "clip_search"
     mongodb_collection: str = "products"
+    mongodb_timeout_ms: Annotated[int, Field(ge=100)] = Field(
+        5000, description="how long a store call waits for an unreachable MongoDB (unless MONGODB_URI sets it)"
+    )
     store_chunk_rows: Annotated[int, Field(ge=64)] = 4096
 
     clip_model: str = "openai/clip-vit-base-patch32"

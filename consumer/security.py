@@ -375,6 +375,9 @@ def mongo_client(settings: MongoSecuritySettings, **overrides: Any):
         raise StartupError("MONGODB_URI is not set")
     appname = getattr(settings, "kafka_client_id", None)
     defaults = {"appname": appname} if appname else {}
+    timeout_ms = getattr(settings, "mongodb_timeout_ms", None)
+    if timeout_ms and "serverselectiontimeoutms" not in uri.lower():
+        defaults |= {"serverSelectionTimeoutMS": timeout_ms, "connectTimeoutMS": timeout_ms}
     return AsyncMongoClient(uri, **(defaults | mongo_client_options(settings) | overrides))
 
 

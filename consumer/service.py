@@ -77,6 +77,11 @@ class BatchReport:
     """Partitions whose records could not be handled (e.g. store down): seek back here and retry later."""
 
 
+def retry_delay(failures: int, base_s: float, cap_s: float) -> float:
+    """Pause before retry number ``failures`` (1-based): ``base_s`` doubled per earlier failure, at most ``cap_s``."""
+    return min(base_s * 2 ** max(failures - 1, 0), max(cap_s, base_s))
+
+
 class _WaitForBatch(ConsumerRebalanceListener):
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -139,6 +144,7 @@ class Service:
         self.dead_letter_policy = DeadLetterPolicy(settings.dlq_max_ratio, settings.dlq_window)
         self.reply_cache: ReplyCache[Outbound] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
         self._retry_at: dict[TopicPartition, float] = {}
+        self._retry_failures: dict[TopicPartition, int] = {}
         limit = settings.memory_limit_mb * 1024 * 1024 if settings.memory_limit_mb else None
         self.memory_guard = MemoryGuard(limit, settings.memory_low_water)
         self.metrics = ServiceMetrics(
@@ -293,6 +299,8 @@ class Service:
                 for tp in report.rewind:
                     report.offsets.pop(tp, None)
                 await self._commit(report.offsets)
+                for tp in report.offsets:
+                    self._retry_failures.pop(tp, None)
                 self._rewind(report.rewind)
                 self.batches += 1
                 self.metrics.observe_batch(
@@ -330,15 +338,21 @@ class Service:
             log.warning("commit failed after a rebalance (%s); the new owner re-delivers these records", exc)
 
     def _rewind(self, rewind: dict[TopicPartition, int]) -> None:
-        """Seek failed partitions back and pause them for ``RETRY_BACKOFF_S`` before trying again."""
+        """Seek failed partitions back and pause each before trying again.
+
+        The pause is ``RETRY_BACKOFF_S`` after a first failure and doubles with each consecutive
+        failure of that partition up to ``RETRY_BACKOFF_MAX_S``, so a long store outage stalls the
+        loop (one store timeout per attempt) less and less often; a committed batch resets it.
+        """
         if not rewind:
             return
         live = {tp: off for tp, off in rewind.items() if tp in self.consumer.assignment()}
         for tp, offset in live.items():
             self.consumer.seek(tp, offset)
+            failures = self._retry_failures.get(tp, 0) + 1
+            self._retry_failures[tp] = failures
+            self._retry_at[tp] = time.monotonic() + retry_delay(failures, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
         self.consumer.pause(*live)
-        due = time.monotonic() + self.settings.retry_backoff_s
-        self._retry_at.update({tp: due for tp in live})
 
     def _apply_backpressure(self) -> None:
         """Above MEMORY_LIMIT_MB: stop fetching, drop rebuildable caches, return memory to the OS; resume below low water."""
