@@ -123,8 +123,6 @@ async def serve(settings: Settings) -> None:
         await service.run()
     finally:
         await service.close()
-        if service.store is not None:
-            await service.store.close()
         await health.close()
         log.info("stopped after %d batches", service.batches)
 

@@ -140,6 +140,7 @@ class Service:
         self._revoking = asyncio.Event()
         self.batches = 0
         self.polls = 0
+        self._lag_updated = 0.0
         self.replies_sent = 0
         self.dead_letter_policy = DeadLetterPolicy(settings.dlq_max_ratio, settings.dlq_window)
         self.reply_cache: ReplyCache[Outbound] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
@@ -282,7 +283,9 @@ class Service:
                     stop=lambda: self._stopping.is_set() or self._revoking.is_set(),
                 )
                 self.polls += 1
-                await self.metrics.update_lag(self.consumer)
+                if time.monotonic() - self._lag_updated >= 1.0:
+                    self._lag_updated = time.monotonic()
+                    await self.metrics.update_lag(self.consumer)
             except BaseException:
                 self._idle.set()
                 raise
@@ -411,6 +414,7 @@ class Service:
         await publish_all(self.producer, messages)
 
     async def close(self) -> None:
+        """Stop the follower and the Kafka clients and close the store (safe to call twice)."""
         if self.follower is not None:
             await self.follower.stop()
             self.follower = None
@@ -418,6 +422,8 @@ class Service:
             if client is not None:
                 await client.stop()
         self.consumer = self.producer = None
+        if self.store is not None:
+            await self.store.close()
 
     def _dead_letter(self, record: ConsumerRecord, err: InputError) -> Outbound:
         headers = [

@@ -10,7 +10,6 @@ loudly: with random weights only exact matches rank meaningfully.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
 import subprocess

@@ -81,21 +81,25 @@ def settings_for(broker, topics, tiny_model):
 
 
 @asynccontextmanager
-async def running(service):
-    """Start ``service``, run it in a task until the block exits, then stop it gracefully."""
-    try:
-        await service.start()
-    except BaseException:
-        await service.close()
-        raise
+async def running(service, *, start: bool = True, timeout: float = 30.0):
+    """Run ``service`` (started here unless ``start`` is False) in a task until the block exits; yields the task.
+
+    On exit the service is stopped gracefully and closed (store included).
+    """
+    if start:
+        try:
+            await service.start()
+        except BaseException:
+            await service.close()
+            raise
     task = asyncio.create_task(service.run())
     try:
-        await asyncio.wait_for(service.assigned.wait(), 30)
-        yield service
+        await asyncio.wait_for(service.assigned.wait(), timeout)
+        yield task
     finally:
         service.request_stop()
         try:
-            await asyncio.wait_for(asyncio.shield(task), 30)
+            await asyncio.wait_for(asyncio.shield(task), timeout)
         finally:
             await service.close()
 

@@ -27,7 +27,6 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from consumer.app import build_service
 from consumer.config import Settings
 from consumer.service import Service
 from devservices import MongoServer, NoidaBroker, TansuBroker, create_topics, free_port
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, running, wait_for
 from tests.kafka_tools import Message, Tap, as_json, committed_offsets, read_topics, send_raw, wait_committed
 
 QUERIES = ["red cotton t-shirt", "blue denim jeans", "ankle boots", "green ceramic mug", "electric kettle", "desk lamp"]
@@ -251,25 +250,6 @@ def service_settings(bootstrap: str, names: dict[str, str], model: str, group: d
     return Settings(_env_file=None, **(values | FAST_RETRIES | names | overrides))
 
 
-@asynccontextmanager
-async def serving(service: Service, start: bool = True):
-    """Run ``service`` in a task (started here unless ``start`` is False) until the block exits; yields the task."""
-    if start:
-        await service.start()
-    task = asyncio.create_task(service.run())
-    try:
-        await asyncio.wait_for(service.assigned.wait(), 60)
-        yield task
-    finally:
-        service.request_stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 60)
-        finally:
-            await service.close()
-            if service.store is not None:
-                await service.store.close()
-
-
 class PublishGate:
     """Replaces ``service.publish``: while closed, the next batch waits before publishing (it is in flight)."""
 
@@ -326,7 +306,7 @@ async def test_broker_unavailable_at_start(tmp_path, tiny_model, fault_table, ca
                 starting.cancel()
                 await service.close()
                 raise
-        async with serving(service, start=False) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+        async with running(service, start=False, timeout=60) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
             await send_raw(broker.bootstrap, stream.messages)
             await wait_for(lambda: stream.answered(tap), timeout=60, what="every request answered")
             await wait_for(lambda: index_versions(service, stream) == stream.newest, what="product updates applied")
@@ -347,7 +327,7 @@ async def test_broker_restart_while_running(tmp_path, tiny_model, fault_table):
         service = build_service(service_settings(broker.bootstrap, names, tiny_model, NOIDA_GROUP, max_batch_size=8))
         gate = PublishGate(service)
         stream = make_stream("restart", names)
-        async with serving(service) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+        async with running(service, timeout=60) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
             await send_raw(broker.bootstrap, stream.first)
             await wait_for(lambda: len(tap.reply_ids(names["reply_topic"])) >= 20, what="first replies")
             gate.close()
@@ -380,7 +360,7 @@ async def test_store_unavailable_in_cached_mode(broker, tmp_path, tiny_model, fa
         uri = f"{mongo.uri}/?serverSelectionTimeoutMS=1000&connectTimeoutMS=1000"
         service = build_service(service_settings(broker.bootstrap, names, tiny_model, TANSU_GROUP, mongodb_uri=uri, mongodb_database="faults"))
         stream = make_stream("store", names)
-        async with serving(service) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+        async with running(service, timeout=60) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
             await send_raw(broker.bootstrap, stream.first)
             await wait_for(lambda: stream.answered(tap, stream.first), what="first half answered")
             await wait_for(lambda: all(service.index.version_of(p) is not None for p in stream.newest), what="first updates applied")
@@ -413,7 +393,7 @@ async def test_rebalance_mid_stream(broker, mongo, tiny_model, fault_table):
     stream = make_stream("rebalance", names)
     chunks = [stream.messages[i : i + 10] for i in range(0, len(stream.messages), 10)]
     acks = []
-    async with serving(first) as first_task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+    async with running(first, timeout=60) as first_task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
         joined_at = None
         second_task = None
         try:
@@ -437,7 +417,6 @@ async def test_rebalance_mid_stream(broker, mongo, tiny_model, fault_table):
             if second_task is not None:
                 await asyncio.wait_for(second_task, 60)
             await second.close()
-            await second.store.close()
     await record(fault_table, "rebalance (replica joins)", stream, broker.bootstrap, versions)
 
 
@@ -452,7 +431,7 @@ async def test_rebalance_while_a_batch_is_being_collected(broker, mongo, tiny_mo
     )
     first, second = build_service(settings), build_service(settings)
     stream = make_stream("collecting", names, valid=40, invalid=6, products=2)
-    async with serving(first), Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+    async with running(first, timeout=60), Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
         acks = await send_raw(broker.bootstrap, stream.messages)
         consumed = {TopicPartition(a.topic, a.partition): 0 for a in acks}
         for a in acks:
@@ -463,7 +442,7 @@ async def test_rebalance_while_a_batch_is_being_collected(broker, mongo, tiny_mo
             await asyncio.sleep(0.05)
         started = time.monotonic()
         assert not tap.records(names["reply_topic"]), "the batch was answered before the rebalance"
-        async with serving(second):
+        async with running(second, timeout=60):
             assert time.monotonic() - started < 10, "the batch window ended before the rebalance"
             await wait_for(lambda: stream.answered(tap), timeout=60, what="every request answered")
             await wait_committed(broker.bootstrap, names["consumer_group_id"], acks)

@@ -393,8 +393,5 @@ async def test_readiness_pings_a_real_store(service_factory, store_settings):
     from tests.conftest import running
 
     service = service_factory(**store_settings)
-    try:
-        async with running(service):
-            assert await readiness(service) is None
-    finally:
-        await service.store.close()
+    async with running(service):
+        assert await readiness(service) is None
