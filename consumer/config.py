@@ -74,6 +74,13 @@ class Settings(SecuritySettings, BaseSettings):
     onnx_dir: str | None = Field(None, description="ONNX export of CLIP_MODEL; default under MODEL_CACHE_DIR")
     model_cache_dir: str = "~/.cache/clip-search"
     feature_dtype: Literal["float32", "float16", "int8"] = "float32"
+    index_snapshot_dir: str | None = Field(
+        None,
+        description="ROLE=search: keep a snapshot of the feature index here, so a restart reads only newer features",
+    )
+    index_snapshot_interval_s: Annotated[float, Field(ge=0)] = Field(
+        300.0, description="write the snapshot this often when the index changed (0: only at shutdown)"
+    )
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_image_bytes: Annotated[int, Field(ge=1024)] = 5 * 1024 * 1024

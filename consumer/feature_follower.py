@@ -1,8 +1,15 @@
 """Follows the compacted features topic into a search replica's in-memory index.
 
-Every search replica reads every partition (no consumer group) from the beginning,
-so each holds the complete catalog while search requests are shared out by the
-consumer group. ``catch_up`` returns once the end offsets seen at start are reached.
+Every search replica reads every partition (no consumer group), so each holds the complete
+catalog while search requests are shared out by the consumer group. ``start`` begins at the
+offsets of the index snapshot when ``INDEX_SNAPSHOT_DIR`` holds a usable one, else at the
+beginning; ``catch_up`` returns once every partition is read up to the high watermark the
+broker reports; ``run_in_background`` then keeps following and writes a snapshot every
+``INDEX_SNAPSHOT_INTERVAL_S`` while the index changes; ``stop`` writes a last one.
+
+A snapshot whose offsets the topic no longer has (recreated or truncated) is discarded and
+the whole topic is read again: the broker either reports the offset out of range or
+reports a high watermark below it.
 """
 
 from __future__ import annotations
@@ -12,11 +19,15 @@ import logging
 import time
 
 from aiokafka import TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from consumer.config import Settings
 from consumer.feature_index import FeatureIndex
-from consumer.handlers import apply_feature_event
+from consumer.handlers import apply_feature_events
+from consumer.index_snapshot import SnapshotError, SnapshotFile
+from consumer.memory import release_memory
+from consumer.metrics import ServiceMetrics
 from consumer.transport import make_consumer
 from schemas import ProductFeature
 
@@ -24,19 +35,31 @@ log = logging.getLogger(__name__)
 
 
 class FeatureFollower:
-    def __init__(self, settings: Settings, index: FeatureIndex, model_id: str, lock: asyncio.Lock) -> None:
+    def __init__(
+        self, settings: Settings, index: FeatureIndex, model_id: str, lock: asyncio.Lock, metrics: ServiceMetrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.lock = lock
         self.index = index
         self.model_id = model_id
         self.applied = 0
         self.invalid = 0
+        self.snapshot_loaded = False
+        self.snapshots_written = 0
+        self.snapshot_file = (
+            SnapshotFile(settings.index_snapshot_dir, settings.features_topic, model_id, index.dtype, index.dim)
+            if settings.index_snapshot_dir
+            else None
+        )
+        self._next: dict[TopicPartition, int] = {}
+        self._changes = 0
         self._consumer = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         topic = self.settings.features_topic
-        self._consumer = make_consumer(self.settings, group_id=None)
+        self._consumer = make_consumer(self.settings, group_id=None, auto_offset_reset="none")
         await self._consumer.start()
         parts = self._consumer.partitions_for_topic(topic)
         deadline = time.monotonic() + 30
@@ -47,51 +70,158 @@ class FeatureFollower:
             parts = self._consumer.partitions_for_topic(topic)
         self._partitions = [TopicPartition(topic, p) for p in sorted(parts)]
         self._consumer.assign(self._partitions)
+        offsets = await asyncio.to_thread(self._load_snapshot)
+        if offsets is None:
+            await self._from_beginning()
+        else:
+            for tp in self._partitions:
+                if tp.partition in offsets:
+                    self._consumer.seek(tp, offsets[tp.partition])
+                else:
+                    await self._consumer.seek_to_beginning(tp)
+            self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
+
+    def _load_snapshot(self) -> dict[int, int] | None:
+        if self.snapshot_file is None:
+            return None
+        started = time.monotonic()
+        try:
+            snapshot = self.snapshot_file.load()
+            if snapshot is None:
+                log.info("no index snapshot at %s yet: reading the whole features topic", self.snapshot_file.path)
+                return None
+            self.index.restore(snapshot.state)
+        except (SnapshotError, ValueError) as exc:
+            log.warning("ignoring the index snapshot: %s", exc)
+            self.index.clear()
+            return None
+        self.snapshot_loaded = True
+        if self.metrics is not None:
+            self.metrics.index_snapshot_timestamp.set(self.snapshot_file.path.stat().st_mtime)
+        log.info(
+            "loaded the index snapshot of %s: %d products in %.2f s, reading %s from offsets %s",
+            snapshot.created, len(self.index), time.monotonic() - started, self.settings.features_topic, snapshot.offsets,
+        )
+        return snapshot.offsets
+
+    async def _from_beginning(self) -> None:
         await self._consumer.seek_to_beginning(*self._partitions)
+        self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
+
+    async def _discard_snapshot(self, why: str) -> None:
+        log.warning("discarding the index snapshot (%s): reading the whole features topic", why)
+        async with self.lock:
+            self.index.clear()
+        self.snapshot_loaded = False
+        self._changes += 1
+        await self._from_beginning()
 
     async def catch_up(self, timeout: float = 300.0) -> None:
-        """Apply every record up to the end offsets as of now."""
-        targets = await self._consumer.end_offsets(self._partitions)
+        """Apply every record up to the high watermark of every partition."""
         deadline = time.monotonic() + timeout
-        while not await self._reached(targets):
+        checked_snapshot = not self.snapshot_loaded
+        while True:
+            try:
+                await self._poll(200)
+            except OffsetOutOfRangeError as exc:
+                await self._discard_snapshot(f"the broker has no offset {exc}")
+                checked_snapshot = True
+                continue
+            marks = {tp: self._consumer.highwater(tp) for tp in self._partitions}
+            if not checked_snapshot and all(mark is not None for mark in marks.values()):
+                behind = {tp.partition: (self._next[tp], mark) for tp, mark in marks.items() if mark < self._next[tp]}
+                checked_snapshot = True
+                if behind:
+                    await self._discard_snapshot(f"the topic ends before the snapshot's offsets (offset, end): {behind}")
+                    continue
+            if all(mark is not None and self._next[tp] >= mark for tp, mark in marks.items()):
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError("features topic catch-up timed out")
-            await self._poll(500)
         log.info("caught up with %s: %d products indexed", self.settings.features_topic, len(self.index))
 
-    async def _reached(self, targets: dict[TopicPartition, int]) -> bool:
-        for tp, end in targets.items():
-            if await self._consumer.position(tp) < end:
-                return False
-        return True
-
     async def _poll(self, timeout_ms: int) -> None:
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=2048)
-        async with self.lock:
-            self._apply(batches)
-
-    def _apply(self, batches: dict) -> None:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=4096)
+        if not batches:
+            return
+        events = []
         for records in batches.values():
             for record in records:
                 try:
-                    event = ProductFeature.model_validate_json(record.value or b"")
+                    events.append(ProductFeature.model_validate_json(record.value or b""))
                 except ValidationError:
                     self.invalid += 1
                     log.warning("skipping invalid features record at %s:%d", record.partition, record.offset)
-                    continue
-                if apply_feature_event(self.index, event, self.model_id):
-                    self.applied += 1
+        async with self.lock:
+            report = apply_feature_events(self.index, events, self.model_id)
+            for tp, records in batches.items():
+                if records:
+                    self._next[tp] = records[-1].offset + 1
+                    self._changes += len(records)
+        if report.invalid:
+            self.invalid += len(report.invalid)
+            log.warning("skipping %d features records with unusable vectors, e.g. %r", len(report.invalid), report.invalid[0])
+        self.applied += report.applied
 
     def run_in_background(self) -> None:
-        async def loop() -> None:
-            while True:
-                await self._poll(1000)
+        """Keep following; write a snapshot every ``INDEX_SNAPSHOT_INTERVAL_S`` if the index changed."""
+        interval = self.settings.index_snapshot_interval_s
 
-        self._task = asyncio.create_task(loop(), name="feature-follower")
+        async def follow() -> None:
+            while True:
+                try:
+                    await self._poll(1000)
+                except OffsetOutOfRangeError as exc:
+                    log.error("features topic offset %s is gone: re-reading the topic from the beginning", exc)
+                    await self._consumer.seek_to_beginning(*self._partitions)
+
+        async def snapshots() -> None:
+            while interval > 0:
+                await asyncio.sleep(interval)
+                await self.write_snapshot()
+
+        async def both() -> None:
+            tasks = [follow()] + ([snapshots()] if self.snapshot_file is not None and interval > 0 else [])
+            await asyncio.gather(*tasks)
+
+        self._task = asyncio.create_task(both(), name="feature-follower")
+
+    async def write_snapshot(self) -> bool:
+        """Write the index and the offsets it reflects if anything changed since the last write; True if written.
+
+        A failed write (disk full, read-only volume) is logged and leaves the previous snapshot in place.
+        """
+        if self.snapshot_file is None or self._changes == 0:
+            return False
+        async with self.lock:
+            changes = self._changes
+            offsets = {tp.partition: offset for tp, offset in self._next.items()}
+            started = time.monotonic()
+            try:
+                size = await asyncio.to_thread(self.snapshot_file.save, self.index, offsets)
+            except (OSError, ValueError) as exc:
+                log.error("could not write the index snapshot %s: %s", self.snapshot_file.path, exc)
+                if self.metrics is not None:
+                    self.metrics.index_snapshot_writes.labels("failed").inc()
+                return False
+        if self.metrics is not None:
+            self.metrics.index_snapshot_writes.labels("written").inc()
+            self.metrics.index_snapshot_timestamp.set(time.time())
+        self._changes -= changes
+        self.snapshots_written += 1
+        release_memory()
+        log.info(
+            "wrote the index snapshot %s: %d products, %.1f MB in %.2f s",
+            self.snapshot_file.path, len(self.index), size / 1e6, time.monotonic() - started,
+        )
+        return True
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            await self.write_snapshot()
         if self._consumer is not None:
             await self._consumer.stop()
+            self._consumer = None

@@ -15,7 +15,7 @@ import numpy as np
 from consumer.int8_kernel import Int8Scorer, to_offset_uint8
 from consumer.ranking import Hit, Query, RunningTopK, filter_mask
 
-__all__ = ["FeatureIndex", "ProductMeta", "StorageDType"]
+__all__ = ["FeatureIndex", "IndexState", "ProductMeta", "StorageDType", "UpsertReport"]
 
 StorageDType = Literal["float32", "float16", "int8"]
 
@@ -33,6 +33,45 @@ class ProductMeta:
     description: str
     category: str | None
     price: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertReport:
+    """Outcome of ``FeatureIndex.upsert_many``: rows applied, rows not newer, ids of rows with an unusable norm."""
+
+    applied: int
+    stale: int
+    invalid: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """Everything a ``FeatureIndex`` holds, as arrays and lists (the input of ``restore``).
+
+    Arrays cover slots ``[0, high_water)`` and are views of the index when taken with
+    ``FeatureIndex.state`` (copy or write them before the index changes). ``live_slots``,
+    ``ids``, ``versions``, ``names`` and ``descriptions`` are parallel, one entry per live
+    product; category and price come from the per-slot arrays.
+    """
+
+    dim: int
+    dtype: StorageDType
+    matrix: np.ndarray
+    scales: np.ndarray | None
+    categories: np.ndarray
+    prices: np.ndarray
+    category_names: list[str]
+    live_slots: np.ndarray
+    ids: list[str]
+    versions: np.ndarray
+    names: list[str]
+    descriptions: list[str]
+    tombstones: dict[str, int]
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    flags = array.flags
+    return array if flags.owndata and flags.writeable and flags.c_contiguous else array.copy()
 
 
 class FeatureIndex:
@@ -79,12 +118,22 @@ class FeatureIndex:
             raise ValueError(f"unsupported storage dtype {dtype!r}")
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        capacity = max(1, int(initial_capacity))
         self._dim = dim
         self._dtype: StorageDType = dtype
         self._chunk_rows = chunk_rows
-        self._matrix = np.full((capacity, dim), 128, dtype=np.uint8) if dtype == "int8" else np.zeros((capacity, dim), dtype=np.dtype(dtype))
-        self._scales = np.zeros(capacity, dtype=np.float32) if dtype == "int8" else None
+        self._buffer: np.ndarray | None = None
+        self._int8 = Int8Scorer() if dtype == "int8" else None
+        self._reset(max(1, int(initial_capacity)))
+
+    def _reset(self, capacity: int, matrix: np.ndarray | None = None, scales: np.ndarray | None = None) -> None:
+        """Empty the index, with room for ``capacity`` slots (in ``matrix``/``scales`` when given)."""
+        dim, dtype = self._dim, self._dtype
+        if matrix is None:
+            matrix = np.full((capacity, dim), 128, dtype=np.uint8) if dtype == "int8" else np.zeros((capacity, dim), dtype=np.dtype(dtype))
+        if scales is None and dtype == "int8":
+            scales = np.zeros(capacity, dtype=np.float32)
+        self._matrix = matrix
+        self._scales = scales
         self._categories = np.full(capacity, _NO_CATEGORY, dtype=np.int32)
         self._prices = np.full(capacity, np.nan, dtype=np.float64)
         self._alive = np.zeros(capacity, dtype=bool)
@@ -95,8 +144,6 @@ class FeatureIndex:
         self._free: list[int] = []
         self._high_water = 0
         self._category_codes: dict[str, int] = {}
-        self._buffer: np.ndarray | None = None
-        self._int8 = Int8Scorer() if dtype == "int8" else None
 
     @property
     def dim(self) -> int:
@@ -159,35 +206,69 @@ class FeatureIndex:
         a previous delete of the same id. The feature is L2-normalised on a copy;
         a feature of the wrong size or with zero/non-finite norm raises ValueError.
         """
-        seen = self._seen_version(meta.product_id)
-        if seen is not None and meta.version <= seen:
-            return False
-        vector = np.asarray(feature, dtype=np.float32).reshape(-1)
-        if vector.shape[0] != self._dim:
-            raise ValueError(f"feature has {vector.shape[0]} values, index dim is {self._dim}")
-        norm = float(np.linalg.norm(vector.astype(np.float64)))
-        if not math.isfinite(norm) or norm == 0.0:
-            raise ValueError(f"feature of {meta.product_id!r} has norm {norm}")
-        vector = vector / np.float32(norm)
+        vector = np.asarray(feature, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != self._dim:
+            raise ValueError(f"feature has {vector.shape[1]} values, index dim is {self._dim}")
+        report = self.upsert_many([meta], vector)
+        if report.invalid:
+            raise ValueError(f"feature of {meta.product_id!r} has a zero or non-finite norm")
+        return report.applied == 1
 
-        slot = self._slots.get(meta.product_id)
-        if slot is None:
-            slot = self._allocate_slot()
-            self._slots[meta.product_id] = slot
-            self._tombstones.pop(meta.product_id, None)
+    def upsert_many(self, metas: Sequence[ProductMeta], features: np.ndarray) -> UpsertReport:
+        """``upsert`` for rows of ``features`` [len(metas), dim] in one vectorised write.
+
+        Same result as upserting the rows in order (a later row of the same id wins if its
+        version is newer), except that rows with a zero or non-finite norm are skipped and
+        reported instead of raising. A wrong shape raises ValueError before any change.
+        Memory: one float64 copy of ``features`` while norms are taken, so callers chunk.
+        """
+        vectors = np.asarray(features, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(metas), self._dim):
+            raise ValueError(f"features must have shape ({len(metas)}, {self._dim}), got {vectors.shape}")
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
+        valid = np.isfinite(norms) & (norms > 0)
+        row_of_slot: dict[int, int] = {}
+        invalid: list[str] = []
+        applied = stale = 0
+        for row, meta in enumerate(metas):
+            product_id = meta.product_id
+            if not valid[row]:
+                invalid.append(product_id)
+                continue
+            slot = self._slots.get(product_id)
+            seen = self._tombstones.get(product_id) if slot is None else self._metas[slot].version  # type: ignore[union-attr]
+            if seen is not None and meta.version <= seen:
+                stale += 1
+                continue
+            if slot is None:
+                slot = self._allocate_slot()
+                self._slots[product_id] = slot
+                self._tombstones.pop(product_id, None)
+            self._metas[slot] = meta
+            row_of_slot[slot] = row
+            applied += 1
+        if row_of_slot:
+            self._write_rows(row_of_slot, metas, vectors, norms)
+        return UpsertReport(applied, stale, tuple(invalid))
+
+    def _write_rows(
+        self, row_of_slot: dict[int, int], metas: Sequence[ProductMeta], vectors: np.ndarray, norms: np.ndarray
+    ) -> None:
+        slots = np.fromiter(row_of_slot.keys(), dtype=np.intp, count=len(row_of_slot))
+        rows = np.fromiter(row_of_slot.values(), dtype=np.intp, count=len(row_of_slot))
+        unit = vectors[rows] / norms[rows].astype(np.float32)[:, None]
         if self._scales is not None:
-            peak = float(np.max(np.abs(vector)))
-            scale = peak / 127.0
-            self._matrix[slot] = to_offset_uint8(np.clip(np.rint(vector / np.float32(scale)), -127, 127))
-            self._scales[slot] = scale
+            scales = np.max(np.abs(unit), axis=1).astype(np.float64) / 127.0
+            quantised = np.clip(np.rint(unit / scales.astype(np.float32)[:, None]), -127, 127)
+            self._matrix[slots] = to_offset_uint8(quantised)
+            self._scales[slots] = scales
         else:
-            self._matrix[slot] = vector
-        self._categories[slot] = self._category_code(meta.category)
-        self._prices[slot] = np.nan if meta.price is None else meta.price
-        self._alive[slot] = True
-        self._slot_ids[slot] = meta.product_id
-        self._metas[slot] = meta
-        return True
+            self._matrix[slots] = unit
+        chosen = [metas[r] for r in rows.tolist()]
+        self._categories[slots] = [self._category_code(m.category) for m in chosen]
+        self._prices[slots] = [np.nan if m.price is None else m.price for m in chosen]
+        self._alive[slots] = True
+        self._slot_ids[slots] = [m.product_id for m in chosen]
 
     def delete(self, product_id: str, version: int | None = None) -> bool:
         """Remove a live product; True if one was removed.
@@ -268,6 +349,76 @@ class FeatureIndex:
         if self._scales is not None:
             scores *= self._scales[start:end]
         return scores
+
+    def state(self) -> IndexState:
+        """The index's content; arrays are views, valid until the next change."""
+        used = self._high_water
+        live = np.flatnonzero(self._alive[:used])
+        metas = [self._metas[slot] for slot in live.tolist()]
+        return IndexState(
+            dim=self._dim,
+            dtype=self._dtype,
+            matrix=self._matrix[:used],
+            scales=None if self._scales is None else self._scales[:used],
+            categories=self._categories[:used],
+            prices=self._prices[:used],
+            category_names=list(self._category_codes),
+            live_slots=live,
+            ids=[m.product_id for m in metas],  # type: ignore[union-attr]
+            versions=np.fromiter((m.version for m in metas), dtype=np.int64, count=len(metas)),  # type: ignore[union-attr]
+            names=[m.name for m in metas],  # type: ignore[union-attr]
+            descriptions=[m.description for m in metas],  # type: ignore[union-attr]
+            tombstones=dict(self._tombstones),
+        )
+
+    def restore(self, state: IndexState) -> None:
+        """Replace the whole content with ``state`` (of the same dim and dtype); ValueError if inconsistent.
+
+        Takes over the state's matrix and scales without a copy when they own their memory
+        (as freshly loaded arrays do), so a restore costs no second matrix.
+        """
+        used = state.matrix.shape[0]
+        live = np.asarray(state.live_slots, dtype=np.intp)
+        n = live.shape[0]
+        if state.dim != self._dim or state.dtype != self._dtype:
+            raise ValueError(f"state is {state.dtype}[{state.dim}], index is {self._dtype}[{self._dim}]")
+        if state.matrix.shape != (used, self._dim) or state.matrix.dtype != self._matrix.dtype:
+            raise ValueError(f"state matrix is {state.matrix.dtype}{state.matrix.shape}")
+        per_slot = [state.categories, state.prices] + ([] if state.scales is None else [state.scales])
+        if (state.scales is None) != (self._scales is None) or any(a.shape != (used,) for a in per_slot):
+            raise ValueError("state per-slot arrays do not match its matrix")
+        if not (len(state.ids) == len(state.names) == len(state.descriptions) == state.versions.shape[0] == n):
+            raise ValueError("state per-product lists differ in length")
+        if n and (live.min() < 0 or live.max() >= used or np.unique(live).shape[0] != n or len(set(state.ids)) != n):
+            raise ValueError("state live slots or ids are not unique and in range")
+        codes = np.asarray(state.categories, dtype=np.int32)
+        if codes.shape[0] and (codes.min() < _NO_CATEGORY or codes.max() >= len(state.category_names)):
+            raise ValueError("state category codes out of range")
+
+        if used:
+            self._reset(used, _owned(state.matrix), None if state.scales is None else _owned(state.scales))
+        else:
+            self._reset(1)
+        self._categories[live] = codes[live]
+        self._prices[live] = state.prices[live]
+        self._alive[live] = True
+        self._slot_ids[live] = state.ids
+        self._high_water = used
+        self._category_codes = {name: code for code, name in enumerate(state.category_names)}
+        self._free = np.flatnonzero(~self._alive[:used])[::-1].tolist()
+        prices = state.prices[live].tolist()
+        for slot, pid, version, name, description, code, price in zip(
+            live.tolist(), state.ids, state.versions.tolist(), state.names, state.descriptions,
+            codes[live].tolist(), prices, strict=True,
+        ):
+            category = None if code == _NO_CATEGORY else state.category_names[code]
+            self._metas[slot] = ProductMeta(pid, version, name, description, category, None if math.isnan(price) else price)
+            self._slots[pid] = slot
+        self._tombstones = dict(state.tombstones)
+
+    def clear(self) -> None:
+        """Forget every product and tombstone (capacity shrinks back to one slot)."""
+        self._reset(1)
 
     def reserve(self, products: int) -> None:
         """Room for ``products`` slots in one allocation, so a bulk load of a known size leaves no growth slack."""

@@ -12,11 +12,12 @@ import base64
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Protocol, Sequence
 
 import numpy as np
+import pybase64
 from pydantic import ValidationError
 
 from consumer.encoder import Encoder
@@ -315,15 +316,58 @@ def feature_event(update: ProductUpdated, feature: np.ndarray | None, model_id: 
     )
 
 
-def apply_feature_event(index: FeatureIndex, event: ProductFeature, model_id: str) -> bool:
-    """Apply a features-topic record to ``index``; records of another model are ignored."""
-    if event.model_id != model_id:
-        return False
-    if event.deleted or not event.feature_b64:
-        return index.delete(event.product_id, event.version)
-    vec = np.frombuffer(base64.b64decode(event.feature_b64), dtype="<f2").astype(np.float32)
-    meta = ProductMeta(event.product_id, event.version, event.name, event.description, event.category, event.price)
-    return index.upsert(meta, vec)
+@dataclass
+class FeatureApplyReport:
+    """What ``apply_feature_events`` did: rows applied (upserts and deletes), that changed nothing (not newer), of another model, unusable."""
+
+    applied: int = 0
+    unchanged: int = 0
+    other_model: int = 0
+    invalid: list[str] = field(default_factory=list)
+
+
+def apply_feature_events(index: FeatureIndex, events: Sequence[ProductFeature], model_id: str) -> FeatureApplyReport:
+    """Apply features-topic records to ``index`` in order, upserts in vectorised runs.
+
+    Records of another model are skipped; a feature that is not ``index.dim`` float16 values,
+    or has a zero or non-finite norm, is reported in ``invalid`` and not applied.
+    """
+    report = FeatureApplyReport()
+    metas: list[ProductMeta] = []
+    raw: list[bytes] = []
+    width = index.dim * 2
+
+    def flush() -> None:
+        if metas:
+            matrix = np.frombuffer(b"".join(raw), dtype="<f2").reshape(len(metas), index.dim).astype(np.float32)
+            done = index.upsert_many(metas, matrix)
+            report.applied += done.applied
+            report.unchanged += done.stale
+            report.invalid.extend(done.invalid)
+            metas.clear()
+            raw.clear()
+
+    for event in events:
+        if event.model_id != model_id:
+            report.other_model += 1
+        elif event.deleted or not event.feature_b64:
+            flush()
+            if index.delete(event.product_id, event.version):
+                report.applied += 1
+            else:
+                report.unchanged += 1
+        else:
+            try:
+                vector = pybase64.b64decode(event.feature_b64, validate=True)
+            except ValueError:
+                vector = b""
+            if len(vector) != width:
+                report.invalid.append(event.product_id)
+                continue
+            metas.append(ProductMeta(event.product_id, event.version, event.name, event.description, event.category, event.price))
+            raw.append(vector)
+    flush()
+    return report
 
 
 class ProductHandler:

@@ -175,6 +175,19 @@ class ServiceMetrics:
         )
         self.paused = Gauge(f"{PREFIX}_paused", "1 while consumption is paused by memory backpressure.", registry=r)
         self.pauses = Counter(f"{PREFIX}_pauses", "Times consumption was paused by memory backpressure.", registry=r)
+        self.index_catch_up = Gauge(
+            f"{PREFIX}_index_catch_up_seconds",
+            "Seconds the last start spent bringing the feature index up to date (snapshot load plus features topic).",
+            registry=r,
+        )
+        self.index_snapshot_writes = Counter(
+            f"{PREFIX}_index_snapshot_writes", "Feature index snapshot writes, by outcome (written, failed).", ["outcome"], registry=r
+        )
+        self.index_snapshot_timestamp = Gauge(
+            f"{PREFIX}_index_snapshot_timestamp_seconds",
+            "Unix time of the index snapshot last loaded or written (absent: none yet).",
+            registry=r,
+        )
         self.requests.labels(OK)
         self.replies.labels(OK)
         self._lag_labels: set[tuple[str, str]] = set()

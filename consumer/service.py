@@ -181,9 +181,11 @@ class Service:
             if self.index is not None and s.role is not Role.INGEST:
                 await self._fill_index_from_store()
         if s.role is Role.SEARCH and self.index is not None:
-            self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock)
+            self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock, self.metrics)
+            started = time.monotonic()
             await self.follower.start()
             await self.follower.catch_up()
+            self.metrics.index_catch_up.set(time.monotonic() - started)
             release_memory()
             self.follower.run_in_background()
         self.consumer = make_consumer(s, group)

@@ -326,3 +326,62 @@ def test_int8_kernel_is_exact_against_an_integer_reference():
     q_values, q_scales = quantise_rows(queries)
     expected = (q_values.astype(np.int64) @ values.T.astype(np.int64)) * q_scales[:, None]
     np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from(["float32", "float16", "int8"]),
+    n_ops=st.integers(1, 120),
+    batch=st.integers(1, 40),
+)
+def test_upsert_many_equals_upserting_row_by_row(seed: int, dtype: str, n_ops: int, batch: int) -> None:
+    """Duplicates, stale versions, zero vectors and deletes between batches: same state either way."""
+    rng = np.random.default_rng(seed)
+    dim = 8
+    one_by_one = FeatureIndex(dim, dtype, initial_capacity=2)
+    bulk = FeatureIndex(dim, dtype, initial_capacity=2)
+    ids = [f"p{i}" for i in range(12)]
+    pending: list[tuple[ProductMeta, np.ndarray]] = []
+    rejected: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            report = bulk.upsert_many([m for m, _ in pending], np.stack([f for _, f in pending]))
+            rejected.extend(report.invalid)
+            pending.clear()
+
+    for _ in range(n_ops):
+        pid = ids[int(rng.integers(len(ids)))]
+        version = int(rng.integers(0, 6))
+        if rng.random() < 0.15:
+            flush()
+            assert one_by_one.delete(pid, version) == bulk.delete(pid, version)
+            continue
+        feature = np.zeros(dim, np.float32) if rng.random() < 0.1 else rng.standard_normal(dim).astype(np.float32)
+        m = ProductMeta(pid, version, f"n{version}", "", str(rng.integers(3)), float(rng.integers(9)))
+        try:
+            one_by_one.upsert(m, feature)
+        except ValueError:
+            rejected.append(f"expected:{pid}")
+        pending.append((m, feature))
+        if len(pending) >= batch:
+            flush()
+    flush()
+
+    assert sorted(r for r in rejected if not r.startswith("expected:")) == sorted(r[9:] for r in rejected if r.startswith("expected:"))
+    assert sorted(one_by_one.ids()) == sorted(bulk.ids())
+    assert [one_by_one.get(i) for i in sorted(one_by_one.ids())] == [bulk.get(i) for i in sorted(bulk.ids())]
+    queries = unit(rng, 3, dim)
+    params = [Query(top_k=len(ids)), Query(top_k=5, filter=SearchFilter(category="1")), Query(top_k=4, filter=SearchFilter(max_price=4.0))]
+    expected = [[(h.product_id, h.score) for h, _ in row] for row in one_by_one.search(queries, params)]
+    assert [[(h.product_id, h.score) for h, _ in row] for row in bulk.search(queries, params)] == expected
+
+
+def test_upsert_many_rejects_a_wrong_shape_without_changing_anything() -> None:
+    index = FeatureIndex(DIM)
+    with pytest.raises(ValueError, match="shape"):
+        index.upsert_many([meta("a"), meta("b")], np.ones((2, DIM + 1), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        index.upsert_many([meta("a")], np.ones((2, DIM), np.float32))
+    assert len(index) == 0
