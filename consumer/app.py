@@ -100,6 +100,8 @@ async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
             await asyncio.wait_for(service.store.collection.database.command("ping"), timeout_s)
         except Exception as exc:
             return f"store unreachable: {exc!r}"
+    if service.follower is not None and not service.follower.caught_up:
+        return "feature index still catching up with the features topic"
     if not consumer.assignment():
         return "no partitions assigned"
     return None

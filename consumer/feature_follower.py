@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiokafka import TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
@@ -33,6 +34,9 @@ from schemas import ProductFeature
 
 log = logging.getLogger(__name__)
 
+JOIN_AHEAD_RECORDS = 20_000
+"""Records left to catch up on (about 0.3 s of work) when the replica may start joining its consumer group."""
+
 
 class FeatureFollower:
     def __init__(
@@ -43,10 +47,12 @@ class FeatureFollower:
         self.lock = lock
         self.index = index
         self.model_id = model_id
+        self.records_read = 0
         self.applied = 0
         self.invalid = 0
         self.snapshot_loaded = False
         self.snapshots_written = 0
+        self.caught_up = False
         self.snapshot_file = (
             SnapshotFile(settings.index_snapshot_dir, settings.features_topic, model_id, index.dtype, index.dim)
             if settings.index_snapshot_dir
@@ -116,28 +122,46 @@ class FeatureFollower:
         self._changes += 1
         await self._from_beginning()
 
-    async def catch_up(self, timeout: float = 300.0) -> None:
-        """Apply every record up to the high watermark of every partition."""
+    @property
+    def has_snapshot(self) -> bool:
+        """A snapshot file exists (it may still turn out unusable)."""
+        return self.snapshot_file is not None and self.snapshot_file.path.exists()
+
+    async def catch_up(
+        self, timeout: float = 300.0, nearly_done: Callable[[], Awaitable[None]] | None = None, nearly: int = JOIN_AHEAD_RECORDS
+    ) -> None:
+        """Apply every record up to the high watermark of every partition.
+
+        ``nearly_done`` is awaited once, as soon as at most ``nearly`` records remain, so the
+        caller can start slow work (a consumer group join) that overlaps the rest.
+        """
         deadline = time.monotonic() + timeout
         checked_snapshot = not self.snapshot_loaded
         while True:
             try:
-                await self._poll(200)
+                await self._poll(50)
             except OffsetOutOfRangeError as exc:
                 await self._discard_snapshot(f"the broker has no offset {exc}")
                 checked_snapshot = True
                 continue
             marks = {tp: self._consumer.highwater(tp) for tp in self._partitions}
-            if not checked_snapshot and all(mark is not None for mark in marks.values()):
+            if any(mark is None for mark in marks.values()):
+                continue
+            if not checked_snapshot:
                 behind = {tp.partition: (self._next[tp], mark) for tp, mark in marks.items() if mark < self._next[tp]}
                 checked_snapshot = True
                 if behind:
                     await self._discard_snapshot(f"the topic ends before the snapshot's offsets (offset, end): {behind}")
                     continue
-            if all(mark is not None and self._next[tp] >= mark for tp, mark in marks.items()):
+            remaining = sum(max(0, mark - self._next[tp]) for tp, mark in marks.items())
+            if nearly_done is not None and remaining <= nearly:
+                await nearly_done()
+                nearly_done = None
+            if remaining == 0:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("features topic catch-up timed out")
+        self.caught_up = True
         log.info("caught up with %s: %d products indexed", self.settings.features_topic, len(self.index))
 
     async def _poll(self, timeout_ms: int) -> None:
@@ -158,6 +182,7 @@ class FeatureFollower:
                 if records:
                     self._next[tp] = records[-1].offset + 1
                     self._changes += len(records)
+                    self.records_read += len(records)
         if report.invalid:
             self.invalid += len(report.invalid)
             log.warning("skipping %d features records with unusable vectors, e.g. %r", len(report.invalid), report.invalid[0])

@@ -183,15 +183,28 @@ class Service:
         if s.role is Role.SEARCH and self.index is not None:
             self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock, self.metrics)
             started = time.monotonic()
+            if self.follower.has_snapshot:
+                await self._join_group()
             await self.follower.start()
-            await self.follower.catch_up()
+            await self.follower.catch_up(nearly_done=self._join_group)
             self.metrics.index_catch_up.set(time.monotonic() - started)
             release_memory()
             self.follower.run_in_background()
-        self.consumer = make_consumer(s, group)
+        await self._join_group()
+        log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
+
+    async def _join_group(self) -> None:
+        """Subscribe to the role's topics; aiokafka joins the group in the background (idempotent).
+
+        A search replica calls this while it finishes catching up with the features topic, so
+        the group join (about a second) overlaps that work; ``run`` polls only after ``start``.
+        """
+        if self.consumer is not None:
+            return
+        s = self.settings
+        self.consumer = make_consumer(s, s.ingest_group_id if s.role is Role.INGEST else s.consumer_group_id)
         await self._with_backoff("connect the consumer", lambda: start_kafka_client(s, self.consumer))
         self.consumer.subscribe(self.topics, listener=_WaitForBatch(self))
-        log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
 
     async def _reencode_other_models(self, chunk: int = 64) -> None:
         """Products stored by another model id are re-encoded with this one (same version), never mixed in.
@@ -228,8 +241,13 @@ class Service:
         """Cached mode start: load every product stored with this model id; nothing is re-encoded."""
         self.index.reserve(len(self.index) + await self.store.count(self.encoder.model_id))
         loaded = 0
-        async for meta, feature in self.store.iter_products(self.encoder.model_id):
-            loaded += self.index.upsert(meta, feature)
+        invalid: list[str] = []
+        async for metas, features in self.store.iter_product_chunks(self.encoder.model_id):
+            report = self.index.upsert_many(metas, features)
+            loaded += report.applied
+            invalid.extend(report.invalid)
+        if invalid:
+            log.warning("%d stored features have a zero or non-finite norm and were not indexed, e.g. %r", len(invalid), invalid[0])
         release_memory()
         log.info("filled the feature index from the store: %d products", loaded)
 

@@ -193,6 +193,21 @@ class ProductStore:
         finally:
             await cursor.close()
 
+    async def iter_product_chunks(
+        self, model_id: str, rows: int = 2048
+    ) -> AsyncIterator[tuple[list[ProductMeta], np.ndarray]]:
+        """``iter_products`` in chunks of up to ``rows``: (metas, float32 features [len(metas), dim])."""
+        metas: list[ProductMeta] = []
+        features: list[np.ndarray] = []
+        async for meta, feature in self.iter_products(model_id, batch_size=rows):
+            metas.append(meta)
+            features.append(feature)
+            if len(metas) == rows:
+                yield metas, np.stack(features)
+                metas, features = [], []
+        if metas:
+            yield metas, np.stack(features)
+
     async def iter_stale_model_products(self, model_id: str) -> AsyncIterator[tuple[ProductMeta, bytes | None]]:
         """Live products stored by another model, with their kept image bytes (None for text-only products)."""
         projection = {**_META_PROJECTION, "image": 1}

@@ -366,3 +366,18 @@ async def test_kill_and_restart_keeps_data(tmp_path) -> None:
             await s.close()
     finally:
         server.close()
+
+
+async def test_feature_chunks_hold_every_live_product_once(store: ProductStore) -> None:
+    rng = np.random.default_rng(4)
+    features = {f"c{i}": v / np.linalg.norm(v) for i in range(5) for v in [rng.standard_normal(DIM).astype(np.float32)]}
+    for pid, f in features.items():
+        assert await store.upsert(meta(pid, 1), f, MODEL)
+    assert await store.delete("c4", 2)
+    chunks = [chunk async for chunk in store.iter_product_chunks(MODEL, rows=2)]
+    assert [len(metas) for metas, _ in chunks] == [2, 2]
+    for metas, matrix in chunks:
+        assert matrix.shape == (len(metas), DIM) and matrix.dtype == np.float32
+        for m, row in zip(metas, matrix, strict=True):
+            np.testing.assert_allclose(row, features[m.product_id], atol=1e-3)
+    assert sorted(m.product_id for metas, _ in chunks for m in metas) == ["c0", "c1", "c2", "c3"]
