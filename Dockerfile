@@ -39,10 +39,10 @@ RUN if [ -n "$BAKE_MODEL" ]; then \
       && python -m consumer.onnx_export --model /opt/models/clip --out /opt/models/clip-onnx-int8 --quantize int8; \
     fi \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
- && mkdir -p /models \
- && chown app /models
+ && mkdir -p /models /snapshots \
+ && chown app /models /snapshots
 USER 10001
-VOLUME ["/models"]
+VOLUME ["/models", "/snapshots"]
 EXPOSE 9100
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

@@ -49,6 +49,15 @@ def _from_json_bytes(array: np.ndarray) -> object:
     return json.loads(array.tobytes().decode())
 
 
+def _write_npy(out, array: np.ndarray, chunk: int = 1 << 20) -> None:
+    """``array`` in .npy format, streamed from its own memory (``np.save`` copies 16 MB at a time)."""
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_2_0(out, np.lib.format.header_data_from_array_1_0(array))
+    data = memoryview(array).cast("B") if array.size else memoryview(b"")
+    for start in range(0, data.nbytes, chunk):
+        out.write(data[start : start + chunk])
+
+
 class SnapshotFile:
     """The snapshot of one features topic for one model and index layout, in ``directory``."""
 
@@ -62,8 +71,9 @@ class SnapshotFile:
     def save(self, index: FeatureIndex, offsets: dict[int, int]) -> int:
         """Write ``index`` and ``offsets`` atomically; the file's size in bytes. The index must not change meanwhile.
 
-        The same layout as ``numpy.savez``, written member by member so that only one member's
-        JSON text exists at a time (a few MB at 100k products) besides the index itself.
+        The layout of ``numpy.savez`` (uncompressed), written member by member and straight from
+        the index's arrays, so that only one member's JSON text (a few MB at 100k products)
+        exists besides the index itself.
         """
         state = index.state()
         if (state.dim, state.dtype) != (self.header["dim"], self.header["dtype"]):
@@ -95,7 +105,7 @@ class SnapshotFile:
                 with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
                     for name, make in members.items():
                         with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, make(), allow_pickle=False)
+                            _write_npy(member, make())
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)

@@ -185,7 +185,7 @@ class ServiceMetrics:
         )
         self.index_snapshot_timestamp = Gauge(
             f"{PREFIX}_index_snapshot_timestamp_seconds",
-            "Unix time of the index snapshot last loaded or written (absent: none yet).",
+            "Unix time of the index snapshot last loaded or written (0: none yet).",
             registry=r,
         )
         self.requests.labels(OK)

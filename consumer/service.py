@@ -178,7 +178,7 @@ class Service:
             await self.store.ensure_indexes()
             if s.role is not Role.SEARCH:
                 await self._reencode_other_models()
-            if self.index is not None and s.role is not Role.INGEST:
+            if s.role is Role.ALL and self.index is not None:
                 await self._fill_index_from_store()
         if s.role is Role.SEARCH and self.index is not None:
             self.follower = FeatureFollower(s, self.index, self.encoder.model_id, self.index_lock, self.metrics)
@@ -186,6 +186,8 @@ class Service:
             if self.follower.has_snapshot:
                 await self._join_group()
             await self.follower.start()
+            if self.store is not None and not self.follower.snapshot_loaded:
+                await self._fill_index_from_store()
             await self.follower.catch_up(nearly_done=self._join_group)
             self.metrics.index_catch_up.set(time.monotonic() - started)
             release_memory()

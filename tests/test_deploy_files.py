@@ -102,6 +102,17 @@ def test_split_profile_has_one_ingest_and_two_search_replicas(compose):
         assert s["mem_limit"] == "512m"
 
 
+def test_search_replicas_share_a_snapshot_volume_the_image_prepares(compose):
+    search = compose["services"]["clip-search-search"]
+    mounts = dict(v.split(":")[:2] for v in search["volumes"])
+    target = env_of(search)["INDEX_SNAPSHOT_DIR"]
+    assert target in mounts.values() and "/models" in mounts.values()
+    volume = next(source for source, mounted in mounts.items() if mounted == target)
+    assert volume in compose["volumes"], "the snapshot volume is not a named volume"
+    text = DOCKERFILE.read_text()
+    assert target in text.split("chown app", 1)[1].splitlines()[0], "the non-root user cannot write the snapshot volume"
+
+
 def test_every_service_variable_is_a_valid_setting(compose, monkeypatch):
     fields = {name.upper() for name in Settings.model_fields}
     for name, svc in compose["services"].items():

@@ -95,15 +95,15 @@ def test_a_failed_write_leaves_the_previous_snapshot(tmp_path, monkeypatch) -> N
     file = SnapshotFile(tmp_path, "features", "m", "int8", DIM)
     file.save(filled("int8", n=10), {0: 10})
     written = []
+    real_write = index_snapshot._write_npy
 
-    def disk_full(member, array, allow_pickle):
+    def disk_full(member, array):
         if written:
             raise OSError(28, "No space left on device")
         written.append(array)
-        real_write(member, array, allow_pickle=allow_pickle)
+        real_write(member, array)
 
-    real_write = np.lib.format.write_array
-    monkeypatch.setattr(index_snapshot.np.lib.format, "write_array", disk_full)
+    monkeypatch.setattr(index_snapshot, "_write_npy", disk_full)
     with pytest.raises(OSError):
         file.save(filled("int8", n=200), {0: 200})
     monkeypatch.undo()

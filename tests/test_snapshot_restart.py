@@ -54,6 +54,7 @@ async def test_restart_reads_only_features_newer_than_the_snapshot(settings_for,
             assert len(first.index) == len(TEXT_PRODUCTS)
             follower = first.follower
         assert follower.snapshots_written == 1, "no snapshot at shutdown"
+        assert first.metrics.registry.get_sample_value("clip_search_index_snapshot_writes_total", {"outcome": "written"}) == 1
 
         changes = [
             TEXT_PRODUCTS[0] | {"version": 2, "name": "Green cotton t-shirt"},
@@ -75,6 +76,9 @@ async def test_restart_reads_only_features_newer_than_the_snapshot(settings_for,
         async with running(restarted):
             assert seen_while_joining[0] == "feature index still catching up with the features topic", "the group join did not overlap the catch-up"
             assert await readiness(restarted) is None
+            sample = restarted.metrics.registry.get_sample_value
+            assert sample("clip_search_index_snapshot_timestamp_seconds") == follower.snapshot_file.path.stat().st_mtime
+            assert sample("clip_search_index_catch_up_seconds") > 0
             assert restarted.follower.snapshot_loaded
             assert restarted.follower.records_read == len(changes), "the replica re-read features its snapshot holds"
             assert restarted.follower.applied == len(changes)
