@@ -140,6 +140,8 @@ class FeatureFollower:
         deadline = time.monotonic() + timeout
         checked_snapshot = not self.snapshot_loaded
         while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"features topic catch-up did not finish in {timeout:.0f} s")
             try:
                 await self._poll(50)
             except OffsetOutOfRangeError as exc:
@@ -161,8 +163,6 @@ class FeatureFollower:
                 nearly_done = None
             if remaining == 0:
                 break
-            if time.monotonic() > deadline:
-                raise TimeoutError("features topic catch-up timed out")
         self.caught_up = True
         log.info("caught up with %s: %d products indexed", self.settings.features_topic, len(self.index))
 

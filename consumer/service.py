@@ -185,9 +185,9 @@ class Service:
             started = time.monotonic()
             if self.follower.has_snapshot:
                 await self._join_group()
-            await self.follower.start()
-            if self.store is not None and not self.follower.snapshot_loaded:
+            elif self.store is not None:
                 await self._fill_index_from_store()
+            await self.follower.start()
             await self.follower.catch_up(nearly_done=self._join_group)
             self.metrics.index_catch_up.set(time.monotonic() - started)
             release_memory()
