@@ -4,13 +4,15 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from consumer.errors import InputError
-from consumer.handlers import parse_product, parse_search, product_text, reply_address
+from consumer.feature_index import FeatureIndex
+from consumer.handlers import apply_feature_events, feature_event, parse_product, parse_search, product_text, reply_address
 from consumer.images import ImageLimits, pixels_from_base64
-from schemas import ProductUpdated
+from schemas import ProductFeature, ProductUpdated
 
 
 def raw(obj) -> bytes:
@@ -83,3 +85,29 @@ def test_image_pipeline_shapes_and_errors():
     with pytest.raises(InputError) as exc:
         pixels_from_base64(png_b64(), ImageLimits(max_bytes=10, max_pixels=1_000_000))
     assert exc.value.code == "image_too_large"
+
+
+def test_feature_events_apply_in_order_and_unusable_vectors_are_reported():
+    dim = 8
+    rng = np.random.default_rng(0)
+
+    def upsert(pid, version, vector=None, model="m"):
+        update = ProductUpdated(product_id=pid, version=version, name=f"{pid} v{version}")
+        return feature_event(update, rng.standard_normal(dim) if vector is None else vector, model)
+
+    def delete(pid, version):
+        return ProductFeature(product_id=pid, version=version, model_id="m", deleted=True)
+
+    short = upsert("short", 1).model_copy(update={"feature_b64": base64.b64encode(b"\0" * (dim * 2 - 2)).decode()})
+    not_base64 = upsert("garbled", 1).model_copy(update={"feature_b64": "###"})
+    events = [
+        upsert("a", 1), upsert("b", 1), delete("a", 2), upsert("a", 1), upsert("b", 3), upsert("b", 2),
+        upsert("c", 1, model="other"), upsert("zero", 1, np.zeros(dim)), short, not_base64, upsert("d", 1),
+    ]
+    index = FeatureIndex(dim)
+    report = apply_feature_events(index, events, "m")
+
+    assert sorted(index.ids()) == ["b", "d"]
+    assert index.get("b").name == "b v3"
+    assert (report.applied, report.unchanged, report.other_model) == (5, 2, 1)
+    assert sorted(report.invalid) == ["garbled", "short", "zero"]
