@@ -17,7 +17,7 @@ from consumer.feature_index import FeatureIndex, ProductMeta
 from consumer.index_snapshot import SnapshotFile
 from consumer.ranking import Query
 from producer_examples.client import SearchClient, product_text, publish
-from tests.conftest import running, wait_for
+from tests.conftest import running
 from tests.kafka_tools import read_topics
 from tests.test_end_to_end import TEXT_PRODUCTS
 
