@@ -195,10 +195,6 @@ class FeatureIndex:
         meta = self.get(product_id)
         return None if meta is None else meta.version
 
-    def _seen_version(self, product_id: str) -> int | None:
-        meta = self.get(product_id)
-        return self._tombstones.get(product_id) if meta is None else meta.version
-
     def upsert(self, meta: ProductMeta, feature: np.ndarray) -> bool:
         """Insert or replace a product; False (and no change) unless meta.version is newer.
 

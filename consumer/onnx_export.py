@@ -136,6 +136,24 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _trace_to_onnx(tower: Any, example: tuple, path: Path, inputs: dict[str, dict], outputs: dict[str, dict]) -> None:
+    """Trace ``tower`` on ``example`` into ``path``; ``inputs``/``outputs`` name the tensors in order, with their dynamic axes."""
+    import torch
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tower,
+            example,
+            str(path),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=inputs | outputs,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
 def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
     import torch
     from transformers import CLIPTextModelWithProjection
@@ -155,22 +173,13 @@ def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
     eos = cfg.eos_token_id if cfg.eos_token_id not in (None, 2) else 49407
     input_ids = torch.tensor([[bos, 320, 1125, 539, 320, 2368, eos], [bos, 320, 1125, eos, eos, eos, eos]])
     attention_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            TextTower(),
-            (input_ids, attention_mask),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["text_embeds"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "text_embeds": {0: "batch"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    _trace_to_onnx(
+        TextTower(),
+        (input_ids, attention_mask),
+        path,
+        {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
+        {"text_embeds": {0: "batch"}},
+    )
     return {
         "projection_dim": int(model.config.projection_dim),
         "max_length": int(cfg.max_position_embeddings),
@@ -193,18 +202,7 @@ def _export_vision(model_dir: str, path: Path) -> dict[str, Any]:
             return self.model(pixel_values=pixel_values).image_embeds
 
     size = int(model.config.image_size)
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            VisionTower(),
-            (torch.zeros(2, 3, size, size),),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    _trace_to_onnx(VisionTower(), (torch.zeros(2, 3, size, size),), path, {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}})
     return {
         "projection_dim": int(model.config.projection_dim),
         "image_size": size,

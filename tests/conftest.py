@@ -41,26 +41,32 @@ async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") ->
         await asyncio.sleep(0.05)
 
 
+def topic_names(prefix: str = "") -> dict[str, str]:
+    """Settings fields naming a fresh set of topics and consumer groups (unique suffix, optional prefix)."""
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "search_requests_topic": f"{prefix}search-requests-{suffix}",
+        "product_updates_topic": f"{prefix}product-updated-{suffix}",
+        "reply_topic": f"{prefix}search-results-{suffix}",
+        "dead_letter_topic": f"{prefix}dead-letters-{suffix}",
+        "features_topic": f"{prefix}product-features-{suffix}",
+        "consumer_group_id": f"{prefix}clip-search-{suffix}",
+        "ingest_group_id": f"{prefix}clip-search-ingest-{suffix}",
+    }
+
+
+async def create_stream_topics(bootstrap: str, names: dict[str, str]) -> None:
+    """3 partitions for requests, 1 for the rest; the features topic compacted."""
+    await create_topics(bootstrap, [names["search_requests_topic"]], partitions=3)
+    await create_topics(bootstrap, [names[k] for k in ("product_updates_topic", "reply_topic", "dead_letter_topic")], partitions=1)
+    await create_topics(bootstrap, [names["features_topic"]], partitions=1, compacted={names["features_topic"]})
+
+
 @pytest.fixture
 async def topics(broker):
-    """Fresh topic names for one test, created with 3 partitions for requests and 1 for the rest."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {
-        "search_requests_topic": f"search-requests-{suffix}",
-        "product_updates_topic": f"product-updated-{suffix}",
-        "reply_topic": f"search-results-{suffix}",
-        "dead_letter_topic": f"dead-letters-{suffix}",
-        "features_topic": f"product-features-{suffix}",
-        "consumer_group_id": f"clip-search-{suffix}",
-        "ingest_group_id": f"clip-search-ingest-{suffix}",
-    }
-    await create_topics(broker.bootstrap, [names["search_requests_topic"]], partitions=3)
-    await create_topics(
-        broker.bootstrap,
-        [names[k] for k in ("product_updates_topic", "reply_topic", "dead_letter_topic")],
-        partitions=1,
-    )
-    await create_topics(broker.bootstrap, [names["features_topic"]], partitions=1, compacted={names["features_topic"]})
+    """Fresh topics for one test (``topic_names``, created by ``create_stream_topics``)."""
+    names = topic_names()
+    await create_stream_topics(broker.bootstrap, names)
     return names
 
 

@@ -77,6 +77,11 @@ async def read_topics(bootstrap: str, topics: Iterable[str]) -> dict[str, list[C
         await consumer.stop()
 
 
+async def read_topic_records(bootstrap: str, topic: str) -> list[ConsumerRecord]:
+    """Every record currently in ``topic`` (``read_topics`` for one topic)."""
+    return (await read_topics(bootstrap, [topic]))[topic]
+
+
 async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """partition -> committed offset of ``group`` on ``topic`` (0 where nothing was committed)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.app import build_encoder
 from producer_examples.client import SearchClient, load_catalog, product_text, publish
 from tests.conftest import running, wait_for
+from tests.kafka_tools import read_topic_records
 
 TEXT_PRODUCTS = [
     {"product_id": f"t-{i:02d}", "version": 1, "name": name, "description": desc, "category": cat, "price": price}
@@ -26,24 +26,6 @@ TEXT_PRODUCTS = [
         ]
     )
 ]
-
-
-async def read_all(bootstrap: str, topic: str) -> list:
-    """Every record currently in ``topic`` (single-partition topics in these tests)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
-        records = []
-        while len(records) < end:
-            batch = await consumer.getmany(tp, timeout_ms=2000)
-            records.extend(batch.get(tp, []))
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_catalog_searches_get_exactly_one_ranked_reply_each(service_factory, topics, broker):
@@ -75,7 +57,7 @@ async def test_catalog_searches_get_exactly_one_ranked_reply_each(service_factor
             assert all(r["status"] == "ok" and len(r["items"]) == 2 for r in replies)
             assert max(r["batch_size"] for r in replies) > 1, "requests were not micro-batched"
 
-        records = await read_all(bootstrap, topics["reply_topic"])
+        records = await read_topic_records(bootstrap, topics["reply_topic"])
         ids = [json.loads(r.value)["request_id"] for r in records]
         assert len(ids) == len(set(ids)), "a request was answered twice"
 
@@ -129,7 +111,7 @@ async def test_lazy_model_loads_once_on_first_searches(settings_for, topics, bro
 async def wait_dead_letters(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        records = await read_all(bootstrap, topic)
+        records = await read_topic_records(bootstrap, topic)
         if len(records) >= count:
             return records
         if asyncio.get_running_loop().time() > deadline:
@@ -166,7 +148,7 @@ async def test_no_reply_is_lost_when_the_reply_path_fails_before_commit(settings
         assert failing.batches == 0
     finally:
         await failing.close()
-    assert await read_all(broker.bootstrap, topics["reply_topic"]) == []
+    assert await read_topic_records(broker.bootstrap, topics["reply_topic"]) == []
 
     restarted = build_service(settings)
     async with running(restarted):
@@ -174,7 +156,7 @@ async def test_no_reply_is_lost_when_the_reply_path_fails_before_commit(settings
         records = []
 
         async def all_answered() -> bool:
-            records[:] = await read_all(broker.bootstrap, topics["reply_topic"])
+            records[:] = await read_topic_records(broker.bootstrap, topics["reply_topic"])
             return len(records) >= len(request_ids)
 
         deadline = asyncio.get_running_loop().time() + 60

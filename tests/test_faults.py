@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from consumer.app import build_service
 from consumer.config import Settings
 from consumer.service import Service
-from devservices import MongoServer, NoidaBroker, TansuBroker, create_topics, free_port
-from tests.conftest import REPO, running, wait_for
+from devservices import MongoServer, NoidaBroker, TansuBroker, free_port
+from tests.conftest import REPO, create_stream_topics, running, topic_names, wait_for
 from tests.kafka_tools import Message, Tap, as_json, committed_offsets, read_topics, send_raw, wait_committed
 
 QUERIES = ["red cotton t-shirt", "blue denim jeans", "ankle boots", "green ceramic mug", "electric kettle", "desk lamp"]
@@ -47,24 +46,6 @@ FAST_RETRIES = {"retry_backoff_s": 0.3, "retry_backoff_max_s": 1.0}
 
 
 # --- the stream ---------------------------------------------------------------------------
-
-
-def topic_names() -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    return {
-        "search_requests_topic": f"search-requests-{suffix}",
-        "product_updates_topic": f"product-updated-{suffix}",
-        "reply_topic": f"search-results-{suffix}",
-        "dead_letter_topic": f"dead-letters-{suffix}",
-        "features_topic": f"product-features-{suffix}",
-        "consumer_group_id": f"clip-search-{suffix}",
-        "ingest_group_id": f"clip-search-ingest-{suffix}",
-    }
-
-
-async def create_stream_topics(bootstrap: str, names: dict[str, str]) -> None:
-    await create_topics(bootstrap, [names["search_requests_topic"]], partitions=3)
-    await create_topics(bootstrap, [names[k] for k in ("product_updates_topic", "reply_topic", "dead_letter_topic", "features_topic")])
 
 
 _BAD_REQUESTS = [

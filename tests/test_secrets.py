@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import urllib.request
-import uuid
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
@@ -18,7 +17,7 @@ from consumer.config import ConfigError, Settings, load_settings
 from consumer.security import StartupError, start_kafka_client
 from consumer.transport import Outbound, make_producer, publish_all
 from devservices import free_port
-from tests.conftest import wait_for
+from tests.conftest import topic_names, wait_for
 from tests.tls_services import (  # noqa: F401 - fixtures
     CLIENT_KEY_PASSWORD,
     MONGO_PASSWORD,
@@ -54,15 +53,7 @@ async def test_secrets_stay_out_of_logs_replies_dead_letters_and_metrics(
     pki, tls_kafka, tls_mongo, tiny_model, tmp_path, monkeypatch, caplog, capsys
 ):
     caplog.set_level(logging.DEBUG)
-    suffix = uuid.uuid4().hex[:8]
-    topics = {
-        "SEARCH_REQUESTS_TOPIC": f"sec-requests-{suffix}",
-        "PRODUCT_UPDATES_TOPIC": f"sec-updates-{suffix}",
-        "REPLY_TOPIC": f"sec-replies-{suffix}",
-        "DEAD_LETTER_TOPIC": f"sec-dead-{suffix}",
-        "FEATURES_TOPIC": f"sec-features-{suffix}",
-        "CONSUMER_GROUP_ID": f"sec-group-{suffix}",
-    }
+    topics = {name.upper(): value for name, value in topic_names("sec-").items()}
     key_password_file = tmp_path / "kafka-key-password"
     key_password_file.write_text(CLIENT_KEY_PASSWORD + "\n")
     metrics_port = free_port()
@@ -76,7 +67,7 @@ async def test_secrets_stay_out_of_logs_replies_dead_letters_and_metrics(
         "MONGODB_URI": f"mongodb://{MONGO_USER}:{MONGO_PASSWORD}@localhost:{tls_mongo.tls.port}/?directConnection=true",
         "MONGODB_TLS": "true",
         "MONGODB_TLS_CA_FILE": str(pki.ca),
-        "MONGODB_DATABASE": f"secrets_{suffix}",
+        "MONGODB_DATABASE": "secrets_" + topics["CONSUMER_GROUP_ID"].rsplit("-", 1)[1],
         "CLIP_MODEL": tiny_model,
         "KAFKA_SESSION_TIMEOUT_MS": "1500",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "250",

@@ -18,14 +18,14 @@ from consumer.index_snapshot import SnapshotFile
 from consumer.ranking import Query
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import running
-from tests.kafka_tools import read_topics
+from tests.kafka_tools import read_topic_records
 from tests.test_end_to_end import TEXT_PRODUCTS
 
 
 async def features_published(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> None:
     """Poll the features topic until it holds ``count`` records."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while len((await read_topics(bootstrap, [topic]))[topic]) < count:
+    while len(await read_topic_records(bootstrap, topic)) < count:
         assert asyncio.get_running_loop().time() < deadline, f"fewer than {count} records reached {topic}"
         await asyncio.sleep(0.1)
 

@@ -12,7 +12,8 @@ from consumer.app import build_encoder, build_service
 from consumer.config import Role
 from producer_examples.client import SearchClient, load_catalog, product_text, publish
 from tests.conftest import running, wait_for
-from tests.test_end_to_end import TEXT_PRODUCTS, read_all
+from tests.kafka_tools import read_topic_records
+from tests.test_end_to_end import TEXT_PRODUCTS
 
 QUERIES = [
     {"query_text": product_text(TEXT_PRODUCTS[0]), "top_k": 5},
@@ -119,7 +120,7 @@ async def test_two_search_replicas_and_one_ingest_share_the_load(settings_for, s
                 more = [await client.send({"request_id": f"after-{n}", "query_text": product_text(TEXT_PRODUCTS[n % 8]), "top_k": 1}) for n in range(30)]
                 after = await asyncio.wait_for(asyncio.gather(*more), 60)
                 assert all(r["status"] == "ok" for r in after)
-    records = await read_all(broker.bootstrap, topics["reply_topic"])
+    records = await read_topic_records(broker.bootstrap, topics["reply_topic"])
     ids = [json.loads(r.value)["request_id"] for r in records]
     assert sorted(ids) == sorted([f"split-{n}" for n in range(60)] + [f"after-{n}" for n in range(30)])
 

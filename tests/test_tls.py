@@ -19,7 +19,7 @@ from consumer.config import Settings
 from consumer.security import StartupError, check_mongo, kafka_security_options, mongo_client, start_kafka_client
 from consumer.transport import Outbound, client_options, make_producer, publish_all
 from devservices import free_port
-from tests.conftest import running, wait_for
+from tests.conftest import running, topic_names, wait_for
 from tests.tls_services import (  # noqa: F401 - fixtures
     MONGO_PASSWORD,
     MONGO_USER,
@@ -36,17 +36,15 @@ START_BOUND_S = 20
 REPO = Path(__file__).resolve().parents[1]
 
 
-def topic_names() -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    return {
-        "search_requests_topic": f"tls-requests-{suffix}",
-        "product_updates_topic": f"tls-updates-{suffix}",
-        "reply_topic": f"tls-replies-{suffix}",
-        "dead_letter_topic": f"tls-dead-{suffix}",
-        "features_topic": f"tls-features-{suffix}",
-        "consumer_group_id": f"tls-group-{suffix}",
-        "ingest_group_id": f"tls-ingest-{suffix}",
-    }
+async def start_error(settings: Settings) -> str:
+    """The StartupError message of a service built from ``settings`` (fails the test if it starts)."""
+    service = build_service(settings)
+    try:
+        with pytest.raises(StartupError) as err:
+            await asyncio.wait_for(service.start(), START_BOUND_S)
+    finally:
+        await service.close()
+    return str(err.value)
 
 
 async def test_service_searches_end_to_end_over_tls(pki, tls_kafka, tiny_model):
@@ -76,14 +74,8 @@ async def test_service_searches_end_to_end_over_tls(pki, tls_kafka, tiny_model):
 
 
 async def test_a_certificate_from_another_ca_is_refused_at_start(pki, tls_kafka, tiny_model):
-    settings = ssl_settings(pki, tls_kafka, clip_model=tiny_model, kafka_ssl_ca_file=pki.other_ca, **topic_names())
-    service = build_service(settings)
-    try:
-        with pytest.raises(StartupError) as err:
-            await asyncio.wait_for(service.start(), START_BOUND_S)
-    finally:
-        await service.close()
-    message = str(err.value)
+    settings = ssl_settings(pki, tls_kafka, clip_model=tiny_model, kafka_ssl_ca_file=pki.other_ca, **topic_names("tls-"))
+    message = await start_error(settings)
     assert "KAFKA_SSL_CA_FILE" in message and "not trusted" in message
 
     raw = AIOKafkaProducer(**client_options(settings))
@@ -198,16 +190,11 @@ async def test_broker_requiring_sasl_refuses_unknown_scram_credentials_at_start(
         kafka_sasl_password=password,
         clip_model=tiny_model,
         _env_file=None,
-        **topic_names(),
+        **topic_names("tls-"),
     )
-    service = build_service(settings)
-    try:
-        with pytest.raises(StartupError) as err:
-            await asyncio.wait_for(service.start(), START_BOUND_S)
-    finally:
-        await service.close()
-    assert "KAFKA_SASL_USERNAME" in str(err.value) and "KAFKA_SASL_PASSWORD" in str(err.value)
-    assert password not in str(err.value)
+    message = await start_error(settings)
+    assert "KAFKA_SASL_USERNAME" in message and "KAFKA_SASL_PASSWORD" in message
+    assert password not in message
 
 
 async def test_plaintext_client_against_a_sasl_broker_is_told_to_check_the_protocol(sasl_broker):
