@@ -26,6 +26,7 @@ from tests.tls_services import (  # noqa: F401 - fixtures
     pki,
     read_topic,
     sasl_broker,
+    sasl_settings,
     tls_kafka,
     tls_mongo,
 )
@@ -145,14 +146,7 @@ async def test_secrets_stay_out_of_logs_replies_dead_letters_and_metrics(
 
 async def test_a_refused_sasl_start_does_not_leak_the_password(sasl_broker, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    settings = Settings(
-        kafka_bootstrap_servers=sasl_broker.bootstrap,
-        kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_mechanism="SCRAM-SHA-256",
-        kafka_sasl_username="nobody",
-        kafka_sasl_password=SASL_PASSWORD,
-        _env_file=None,
-    )
+    settings = sasl_settings(sasl_broker, "SCRAM-SHA-256", SASL_PASSWORD)
     producer = make_producer(settings)
     with pytest.raises(StartupError) as err:
         await asyncio.wait_for(start_kafka_client(settings, producer), 20)

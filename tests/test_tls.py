@@ -27,6 +27,7 @@ from tests.tls_services import (  # noqa: F401 - fixtures
     pki,
     read_topic,
     sasl_broker,
+    sasl_settings,
     ssl_settings,
     tls_kafka,
     tls_mongo,
@@ -182,16 +183,7 @@ async def test_mongo_refusals_name_the_setting(pki, tls_mongo, wrong):
 
 async def test_broker_requiring_sasl_refuses_unknown_scram_credentials_at_start(sasl_broker, tiny_model):
     password = "scram-password-Lk3"
-    settings = Settings(
-        kafka_bootstrap_servers=sasl_broker.bootstrap,
-        kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_mechanism="SCRAM-SHA-512",
-        kafka_sasl_username="nobody",
-        kafka_sasl_password=password,
-        clip_model=tiny_model,
-        _env_file=None,
-        **topic_names("tls-"),
-    )
+    settings = sasl_settings(sasl_broker, "SCRAM-SHA-512", password, clip_model=tiny_model, **topic_names("tls-"))
     message = await start_error(settings)
     assert "KAFKA_SASL_USERNAME" in message and "KAFKA_SASL_PASSWORD" in message
     assert password not in message

@@ -102,6 +102,19 @@ def tls_mongo(pki):
             yield TlsMongo(server, tls)
 
 
+def sasl_settings(broker, mechanism: str, password: str, **overrides) -> Settings:
+    """Settings logging in to ``broker`` over SASL_PLAINTEXT as user ``nobody``."""
+    values = dict(
+        kafka_bootstrap_servers=broker.bootstrap,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism=mechanism,
+        kafka_sasl_username="nobody",
+        kafka_sasl_password=password,
+        _env_file=None,
+    )
+    return Settings(**(values | overrides))
+
+
 def ssl_settings(pki: Pki, tls_kafka: TlsKafka, **overrides) -> Settings:
     """Settings for the TLS listener, client certificate with an encrypted key."""
     values = dict(
