@@ -11,7 +11,10 @@ from consumer.images import clip_pixels
 from PIL import Image
 
 
-BACKENDS = [("torch", "none", 1e-5), ("onnx", "none", 1e-5), ("onnx", "int8", 2e-2)]
+# (backend, quantize, least cosine between a text's embedding encoded in a batch and encoded alone).
+# fp32: float rounding only. int8: dynamic quantization scales activations per batch, and the tiny random
+# model's 32-dim embeddings amplify that (0.988 seen on AMD EPYC; kernels differ by CPU), so 0.95.
+BACKENDS = [("torch", "none", 1 - 1e-6), ("onnx", "none", 1 - 1e-6), ("onnx", "int8", 0.95)]
 
 
 def make_encoder(model: str, backend: str = "onnx", quantize: str = "int8"):
@@ -39,8 +42,8 @@ def test_towers_load_lazily_and_once_under_concurrent_first_calls(tiny_model, ba
     assert encoder.tower_bytes["text"] > 0 and encoder.tower_bytes["vision"] == 0
 
 
-@pytest.mark.parametrize("backend, quantize, batch_tolerance", BACKENDS)
-def test_embeddings_are_normalised_and_deterministic(tiny_model, backend, quantize, batch_tolerance):
+@pytest.mark.parametrize("backend, quantize, min_batch_cosine", BACKENDS)
+def test_embeddings_are_normalised_and_deterministic(tiny_model, backend, quantize, min_batch_cosine):
     """int8 dynamic quantization scales activations per batch, so batch mates move an embedding slightly."""
     encoder = make_encoder(tiny_model, backend, quantize)
     texts = ["red shoes", "a much longer description of a blue ceramic mug", "red shoes"]
@@ -52,7 +55,9 @@ def test_embeddings_are_normalised_and_deterministic(tiny_model, backend, quanti
 
     batched = encoder.encode_text(texts[:2])
     single = np.vstack([encoder.encode_text([t]) for t in texts[:2]])
-    np.testing.assert_allclose(batched, single, atol=batch_tolerance)
+    cosines = batched @ single.T
+    assert np.diag(cosines).min() >= min_batch_cosine, cosines
+    assert (cosines.argmax(axis=1) == np.arange(len(batched))).all(), cosines
 
     pixels = np.stack([clip_pixels(Image.new("RGB", (64, 48), c)) for c in ("red", "blue")])
     img = encoder.encode_images(pixels)
