@@ -7,7 +7,10 @@ query, 12 ms for 32). Features are stored as uint8 = int8 + 128, so
 
     f_int8 . q_int8 = (f_uint8 . q_int8) - 128 * sum(q_int8)
 
-exactly, in int32. Queries are quantised per row (symmetric, scale = max|q| / 127).
+exactly, in int32. Queries are quantised per row to 7 bits (symmetric, scale = max|q| / 63):
+on CPUs without VNNI (AVX2 only, e.g. AMD EPYC Zen 2/3) the kernel adds u8 x s8 pairs in
+saturating int16 (``vpmaddubsw``), and 255 * 63 * 2 = 32130 stays below 32767, so the result
+is exact there too; with 8-bit queries it silently saturates.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import numpy as np
 
 _OFFSET = 128
+QUERY_LEVELS = 63
 
 
 def _model_bytes() -> bytes:
@@ -30,11 +34,11 @@ def _model_bytes() -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
-def quantise_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: (values, scales) with x ~= values * scales[:, None]."""
+def quantise_rows(x: np.ndarray, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 in [-levels, levels]: (values, scales) with x ~= values * scales[:, None]."""
     peak = np.max(np.abs(x), axis=1)
-    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    values = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    scales = np.where(peak > 0, peak / levels, 1.0).astype(np.float32)
+    values = np.clip(np.rint(x / scales[:, None]), -levels, levels).astype(np.int8)
     return values, scales
 
 
@@ -62,7 +66,7 @@ class Int8Scorer:
 
     def scores(self, features_u8: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """float32 [q, n] = (features - 128) . quantised(queries), before the features' own scales."""
-        q_values, q_scales = quantise_rows(np.asarray(queries, dtype=np.float32))
+        q_values, q_scales = quantise_rows(np.asarray(queries, dtype=np.float32), QUERY_LEVELS)
         b = np.ascontiguousarray(q_values.T)
         raw = self._get_session().run(None, {"features": np.ascontiguousarray(features_u8), "queries": b})[0]
         raw -= _OFFSET * b.sum(axis=0, dtype=np.int32)

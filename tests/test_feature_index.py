@@ -317,13 +317,13 @@ def test_quantised_recall_at_10(dtype: str, clustered_corpus: tuple[np.ndarray, 
 
 
 def test_int8_kernel_is_exact_against_an_integer_reference():
-    from consumer.int8_kernel import Int8Scorer, quantise_rows, to_offset_uint8
+    from consumer.int8_kernel import QUERY_LEVELS, Int8Scorer, quantise_rows, to_offset_uint8
 
     rng = np.random.default_rng(11)
     values = rng.integers(-127, 128, (300, 64)).astype(np.int8)
     queries = rng.normal(size=(5, 64)).astype(np.float32)
     got = Int8Scorer(threads=1).scores(to_offset_uint8(values), queries)
-    q_values, q_scales = quantise_rows(queries)
+    q_values, q_scales = quantise_rows(queries, QUERY_LEVELS)
     expected = (q_values.astype(np.int64) @ values.T.astype(np.int64)) * q_scales[:, None]
     np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
 
