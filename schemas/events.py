@@ -20,9 +20,75 @@ MAX_TEXT_LENGTH = 4000
 MAX_TOPIC_LENGTH = 249
 MAX_IMAGE_B64_LENGTH = 8 * 1024 * 1024
 
-Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9._:\-]+$")]
-TopicName = Annotated[str, Field(min_length=1, max_length=MAX_TOPIC_LENGTH, pattern=r"^[A-Za-z0-9._\-]+$")]
+DEFAULT_MAX_TOP_K = 100
+"""The service's default ``MAX_TOP_K`` (``consumer.config.Settings.max_top_k``), published as ``top_k``'s ``maximum``.
+
+The real limit is deployment configuration the schema cannot know. The exported schema states
+the default, and says so in ``top_k``'s description, rather than leaving ``top_k`` unbounded:
+a producer that validates against it is right for a default deployment, and a deployment that
+raises the limit must tell its producers anyway. The Python model does not check it (the
+parser does, against the configured value: ``top_k_out_of_range``).
+"""
+
+# --- Rules only the exported JSON Schema states (``json_schema_extra``) -------------------------
+# The models check these in Python (validators, the parser); JSON Schema needs them spelled out
+# so that a producer in another language that validates against schemas/json/ is told the same.
+# Patterns use only syntax that means the same in ECMA-262 (what JSON Schema specifies) and in
+# Python's ``re`` (what the ``jsonschema`` package uses).
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+"""The JSON Schema draft pydantic generates; every exported file names it in ``$schema``."""
+
+NON_BLANK_PATTERN = r"[^\t\n\v\f\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""Matches a string with at least one character that Python's ``str.strip()`` keeps.
+
+The class lists exactly the characters for which ``str.isspace()`` is true. ``\\S`` would not do:
+ECMA-262's whitespace lacks U+001C..U+001F and U+0085 (which ``strip()`` removes, so the
+service would reject what the schema accepts) and includes U+FEFF (which ``strip()`` keeps).
+tests/test_schemas.py checks the class against ``str.isspace`` for every code point, in both
+regex dialects.
+"""
+
+_NO_LINE_TERMINATOR = {"not": {"pattern": r"[\n\r\u0085\u2028\u2029]"}}
+"""Beside every ``^...$`` pattern: in Python's ``re`` (and Java, .NET, PCRE) ``$`` also matches
+before a final newline, so ``"p1\\n"`` would pass ``^[A-Za-z0-9._:\\-]+$`` there while the
+service rejects it. A ``not`` keeps the pattern free of look-arounds (which RE2-based
+validators cannot compile)."""
+
+_YEAR = r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"  # 0001-9999: Python has no year 0
+_LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][48]|[13579][26]|[2468]0)00)"
+_MONTH_DAY = r"((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)"
+_TIME = r"[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+DATE_TIME_PATTERN = rf"^({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29){_TIME}$"
+"""The RFC 3339 date-times the service parses: ``format: date-time`` less year 0000 and leap
+second 60, with the calendar (no February 30th) spelled out, because a 2020-12 validator treats
+``format`` as an annotation unless told to assert it."""
+
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9._:\-]+$", json_schema_extra=_NO_LINE_TERMINATOR),
+]
+TopicName = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TOPIC_LENGTH, pattern=r"^[A-Za-z0-9._\-]+$", json_schema_extra=_NO_LINE_TERMINATOR),
+]
 ImageB64 = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_B64_LENGTH)]
+Deadline = Annotated[datetime, Field(json_schema_extra={"pattern": DATE_TIME_PATTERN, **_NO_LINE_TERMINATOR})]
+
+
+def _exported(**rules: object) -> ConfigDict:
+    """Config of a model exported to schemas/json: names the draft, adds cross-field ``rules``."""
+    return ConfigDict(json_schema_extra={"$schema": JSON_SCHEMA_DIALECT, **rules})
+
+
+def _non_blank(field: str) -> dict:
+    """Schema clause: ``field`` is present and a string with a character ``str.strip()`` keeps."""
+    return {"required": [field], "properties": {field: {"type": "string", "pattern": NON_BLANK_PATTERN}}}
+
+
+def _present(field: str) -> dict:
+    """Schema clause: ``field`` is present and a string (not null); with ``minLength: 1`` it is non-empty."""
+    return {"required": [field], "properties": {field: {"type": "string"}}}
 
 
 class _Event(BaseModel):
@@ -30,7 +96,11 @@ class _Event(BaseModel):
 
 
 class SearchFilters(_Event):
-    """Restricts the candidate products; unknown filter names are rejected."""
+    """Restricts the candidate products; unknown filter names are rejected.
+
+    ``min_price`` must not exceed ``max_price``. JSON Schema cannot compare two values, so the
+    exported schema does not check that rule: the service answers ``schema_violation``.
+    """
 
     category: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     min_price: Annotated[float, Field(ge=0)] | None = None
@@ -46,21 +116,30 @@ class SearchFilters(_Event):
 class SearchRequest(_Event):
     """A search by text and/or an inline image; the reply goes to ``reply_to``.
 
-    With both ``query_text`` and ``query_image_b64`` the query embedding is the
-    normalised mean of the two. ``top_k`` and ``similarity_threshold`` fall back
-    to the service's configured defaults; ``deadline`` is an absolute UTC time
-    after which the caller no longer wants an answer (it gets a timeout error).
+    A request needs a ``query_text`` with a non-whitespace character or a
+    ``query_image_b64`` (the schema's ``anyOf``). With both the query embedding
+    is the normalised mean of the two. ``top_k`` and ``similarity_threshold``
+    fall back to the service's configured defaults; ``deadline`` is an absolute
+    UTC time after which the caller no longer wants an answer (it gets a timeout
+    error). The whole message must also fit the service's MAX_MESSAGE_BYTES
+    (8 MiB by default), a limit no JSON Schema keyword measures.
     """
+
+    model_config = _exported(anyOf=[_non_blank("query_text"), _present("query_image_b64")])
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: Identifier
     query_text: Annotated[str, Field(max_length=MAX_QUERY_LENGTH)] | None = None
     query_image_b64: ImageB64 | None = None
-    top_k: Annotated[int, Field(ge=1)] | None = None
+    top_k: Annotated[int, Field(ge=1, json_schema_extra={"maximum": DEFAULT_MAX_TOP_K})] | None = Field(
+        None,
+        description=f"At most the service's MAX_TOP_K. The schema states the default, {DEFAULT_MAX_TOP_K}; "
+        "a deployment may configure another limit (error top_k_out_of_range above it).",
+    )
     filters: SearchFilters | None = None
     similarity_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
     reply_to: TopicName | None = None
-    deadline: datetime | None = None
+    deadline: Deadline | None = None
 
     @model_validator(mode="after")
     def _has_query(self) -> SearchRequest:
@@ -75,7 +154,18 @@ class ProductUpdated(_Event):
     A consumer applies an event only if ``version`` is newer than the one it
     holds, so replays and out-of-order deliveries are harmless. The feature is
     computed from the image when one is given, else from name and description.
+    Unless ``deleted`` is true, a product needs a ``name`` or a ``description``
+    with a non-whitespace character, or an ``image_b64`` (the schema's ``anyOf``).
     """
+
+    model_config = _exported(
+        anyOf=[
+            {"required": ["deleted"], "properties": {"deleted": {"const": True}}},
+            _non_blank("name"),
+            _non_blank("description"),
+            _present("image_b64"),
+        ]
+    )
 
     schema_version: Literal[1] = SCHEMA_VERSION
     product_id: Identifier
@@ -101,6 +191,8 @@ class ProductFeature(_Event):
     is the base64 of ``dim`` little-endian float16 values (absent for deletes). Search
     replicas apply it with the same newest-version-wins rule as product updates.
     """
+
+    model_config = _exported()
 
     schema_version: Literal[1] = SCHEMA_VERSION
     product_id: Identifier
@@ -137,6 +229,8 @@ class Timings(_Event):
 class SearchResult(_Event):
     """Ranked products for one request, best first."""
 
+    model_config = _exported()
+
     schema_version: Literal[1] = SCHEMA_VERSION
     status: Literal["ok"] = "ok"
     request_id: str
@@ -161,6 +255,8 @@ ErrorCode = Literal[
     "top_k_out_of_range",
     "unknown_filter",
     "deadline_expired",
+    "reply_topic_not_allowed",
+    "reply_undeliverable",
     "internal_error",
 ]
 
@@ -172,6 +268,8 @@ class ErrorDetail(_Event):
 
 class ErrorReply(_Event):
     """The typed answer to a request that could not be served."""
+
+    model_config = _exported()
 
     schema_version: Literal[1] = SCHEMA_VERSION
     status: Literal["error"] = "error"
