@@ -5,7 +5,8 @@ catalog while search requests are shared out by the consumer group. ``start`` be
 offsets of the index snapshot when ``INDEX_SNAPSHOT_DIR`` holds a usable one, else at the
 beginning; ``catch_up`` returns once every partition is read up to the high watermark the
 broker reports; ``run_in_background`` then keeps following and writes a snapshot every
-``INDEX_SNAPSHOT_INTERVAL_S`` while the index changes; ``stop`` writes a last one.
+``INDEX_SNAPSHOT_INTERVAL_S`` while the index changes, as two supervised tasks (see
+``consumer.supervisor``); ``stop`` writes a last one.
 
 A snapshot whose offsets the topic no longer has (recreated or truncated) is discarded and
 the whole topic is read again: the broker either reports the offset out of range or
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
@@ -29,6 +31,8 @@ from consumer.handlers import apply_feature_events
 from consumer.index_snapshot import SnapshotError, SnapshotFile
 from consumer.memory import release_memory
 from consumer.metrics import ServiceMetrics
+from consumer.security import StartupError, start_kafka_client
+from consumer.supervisor import Policy, Supervisor
 from consumer.transport import make_consumer
 from schemas import ProductFeature
 
@@ -38,6 +42,10 @@ JOIN_AHEAD_RECORDS = 40_000
 """Records left to catch up on when the replica starts joining its consumer group: about a second of
 catch-up (40k records/s on 2 cores), as long as a group join takes, so the two end together and the
 replica holds no partition it cannot serve yet for long, whatever the catalog size."""
+
+FOLLOWER_TASK = "feature-follower"
+SNAPSHOT_TASK = "index-snapshot-writer"
+PARTITIONS_RETRY_S = 0.2
 
 
 class FeatureFollower:
@@ -63,20 +71,20 @@ class FeatureFollower:
         self._next: dict[TopicPartition, int] = {}
         self._changes = 0
         self._consumer = None
-        self._task: asyncio.Task | None = None
+        self._supervisor: Supervisor | None = None
 
-    async def start(self) -> None:
-        topic = self.settings.features_topic
+    async def start(
+        self, connect: Callable[[Any], Awaitable[None]] | None = None, partitions_timeout_s: float = 30.0
+    ) -> None:
+        """Connect, assign every partition of the features topic and seek to the snapshot's offsets (or the beginning).
+
+        ``connect(client)`` starts the consumer (the service passes ``start_kafka_client`` wrapped in
+        its reconnect backoff; default: ``start_kafka_client`` once). Raises ``StartupError`` naming
+        ``FEATURES_TOPIC`` if the topic has no partitions within ``partitions_timeout_s``.
+        """
         self._consumer = make_consumer(self.settings, group_id=None, auto_offset_reset="none")
-        await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(topic)
-        deadline = time.monotonic() + 30
-        while not parts:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"features topic {topic!r} not found")
-            await self._consumer._client.force_metadata_update()
-            parts = self._consumer.partitions_for_topic(topic)
-        self._partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+        await (connect or (lambda client: start_kafka_client(self.settings, client)))(self._consumer)
+        self._partitions = await self._find_partitions(partitions_timeout_s)
         self._consumer.assign(self._partitions)
         offsets = await asyncio.to_thread(self._load_snapshot)
         if offsets is None:
@@ -88,6 +96,26 @@ class FeatureFollower:
                 else:
                     await self._consumer.seek_to_beginning(tp)
             self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
+
+    async def _find_partitions(self, timeout_s: float) -> list[TopicPartition]:
+        """The topic's partitions from the consumer's metadata, refreshed every ``PARTITIONS_RETRY_S`` until known.
+
+        aiokafka 0.14 has no public consumer call that refreshes the metadata ``partitions_for_topic``
+        reads for a topic that is assigned rather than subscribed (``topics()`` fetches into a
+        throwaway ``ClusterMetadata``), hence the private ``force_metadata_update``.
+        """
+        topic = self.settings.features_topic
+        deadline = time.monotonic() + timeout_s
+        while not (parts := self._consumer.partitions_for_topic(topic)):
+            if time.monotonic() >= deadline:
+                raise StartupError(f"the features topic {topic!r} (FEATURES_TOPIC) has no partitions after {timeout_s:g} s: create it")
+            try:
+                await asyncio.wait_for(self._consumer._client.force_metadata_update(), max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                pass
+            if not self._consumer.partitions_for_topic(topic):
+                await asyncio.sleep(PARTITIONS_RETRY_S)
+        return [TopicPartition(topic, p) for p in sorted(parts)]
 
     def _load_snapshot(self) -> dict[int, int] | None:
         if self.snapshot_file is None:
@@ -190,28 +218,32 @@ class FeatureFollower:
             log.warning("skipping %d features records with unusable vectors, e.g. %r", len(report.invalid), report.invalid[0])
         self.applied += report.applied
 
-    def run_in_background(self) -> None:
-        """Keep following; write a snapshot every ``INDEX_SNAPSHOT_INTERVAL_S`` if the index changed."""
-        interval = self.settings.index_snapshot_interval_s
+    def run_in_background(self, supervisor: Supervisor) -> None:
+        """Keep following, and write a snapshot every ``INDEX_SNAPSHOT_INTERVAL_S`` if the index changed,
+        as tasks of ``supervisor`` that are restarted when they fail."""
+        self._supervisor = supervisor
+        supervisor.start(FOLLOWER_TASK, self._follow, Policy.RESTART, reports_recovery=True)
+        if self.snapshot_file is not None and self.settings.index_snapshot_interval_s > 0:
+            supervisor.start(SNAPSHOT_TASK, self._write_snapshots, Policy.RESTART)
 
-        async def follow() -> None:
-            while True:
-                try:
-                    await self._poll(1000)
-                except OffsetOutOfRangeError as exc:
-                    log.error("features topic offset %s is gone: re-reading the topic from the beginning", exc)
-                    await self._consumer.seek_to_beginning(*self._partitions)
+    async def _follow(self) -> None:
+        """Poll forever from the offsets after the last applied records (re-seeked, so a restart after a
+        failure re-reads what the failed poll fetched); every successful poll reports recovery."""
+        for tp, offset in self._next.items():
+            self._consumer.seek(tp, offset)
+        while True:
+            try:
+                await self._poll(1000)
+            except OffsetOutOfRangeError as exc:
+                log.error("features topic offset %s is gone: re-reading the topic from the beginning", exc)
+                await self._consumer.seek_to_beginning(*self._partitions)
+                continue
+            self._supervisor.recovered(FOLLOWER_TASK)
 
-        async def snapshots() -> None:
-            while interval > 0:
-                await asyncio.sleep(interval)
-                await self.write_snapshot()
-
-        async def both() -> None:
-            tasks = [follow()] + ([snapshots()] if self.snapshot_file is not None and interval > 0 else [])
-            await asyncio.gather(*tasks)
-
-        self._task = asyncio.create_task(both(), name="feature-follower")
+    async def _write_snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.index_snapshot_interval_s)
+            await self.write_snapshot()
 
     async def write_snapshot(self) -> bool:
         """Write the index and the offsets it reflects if anything changed since the last write; True if written.
@@ -244,10 +276,10 @@ class FeatureFollower:
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Cancel the background tasks and, if they ran, write a last snapshot; then stop the consumer."""
+        if self._supervisor is not None:
+            await self._supervisor.cancel(FOLLOWER_TASK, SNAPSHOT_TASK)
+            self._supervisor = None
             await self.write_snapshot()
         if self._consumer is not None:
             await self._consumer.stop()

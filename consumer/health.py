@@ -63,6 +63,11 @@ class HealthServer:
         log.info("metrics and health on http://%s:%d/metrics", self.host, self.port)
         return self
 
+    async def serve_forever(self) -> None:
+        """Serve until cancelled (which closes the listener); returns or raises only if the listener fails."""
+        assert self._server is not None, "not started"
+        await self._server.serve_forever()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -47,6 +47,10 @@ class StartupError(RuntimeError):
     """A connection could not be set up at start; the message names the settings to check, never a secret."""
 
 
+class MongoUnreachable(StartupError):
+    """MongoDB did not answer at all (no TLS or credential verdict): possibly transient, so callers may retry."""
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` with the password of its user info and secret-looking query values replaced by ``***``.
 
@@ -382,19 +386,36 @@ def mongo_client(settings: MongoSecuritySettings, **overrides: Any):
 
 
 async def check_mongo(client, settings: SecuritySettings, timeout: float = 30.0) -> None:
-    """Ping MongoDB; raise ``StartupError`` naming the settings to check if that fails within ``timeout``."""
+    """Ping MongoDB; raise ``StartupError`` naming the settings to check if that fails within ``timeout``.
+
+    Refused credentials and TLS failures raise ``StartupError``; a server that does not answer
+    raises its subclass ``MongoUnreachable``. Messages are one line and never hold a secret.
+    """
     from pymongo.errors import OperationFailure, PyMongoError
 
     try:
         await asyncio.wait_for(client.admin.command("ping"), timeout)
     except OperationFailure as exc:
         if exc.code == 18:
-            raise StartupError(
-                "MongoDB refused the credentials: check MONGODB_USERNAME and MONGODB_PASSWORD (or the user info of MONGODB_URI)"
-            ) from None
-        raise StartupError(settings.scrub(f"MongoDB ping failed: {exc}")) from None
+            where = (
+                "the user info of MONGODB_URI"
+                if _uri_has_user(getattr(settings, "mongodb_uri", None) or "")
+                else "MONGODB_USERNAME and MONGODB_PASSWORD (or MONGODB_PASSWORD_FILE)"
+            )
+            raise StartupError(f"MongoDB refused the credentials: check {where}") from None
+        raise StartupError(_one_line(settings.scrub(f"MongoDB ping failed: {exc}"))) from None
     except (PyMongoError, TimeoutError) as exc:
-        raise StartupError(settings.scrub(f"{_mongo_hint(str(exc))}: {exc}")) from None
+        hint = _mongo_hint(str(exc))
+        error = MongoUnreachable if hint == _MONGO_UNREACHABLE else StartupError
+        raise error(_one_line(settings.scrub(f"{hint}: {exc or type(exc).__name__}"))) from None
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_MONGO_UNREACHABLE = "cannot reach MongoDB at MONGODB_URI"
 
 
 def _mongo_hint(message: str) -> str:
@@ -405,7 +426,7 @@ def _mongo_hint(message: str) -> str:
         return "MongoDB's certificate is not signed by a CA in MONGODB_TLS_CA_FILE (or the system store)"
     if "ssl" in low or "tls" in low:
         return "TLS to MongoDB failed: check MONGODB_TLS, MONGODB_TLS_CA_FILE and MONGODB_TLS_CERT_KEY_FILE"
-    return "cannot reach MongoDB at MONGODB_URI"
+    return _MONGO_UNREACHABLE
 
 
 def _describe_tls_failure(exc: BaseException, host: str, port: int) -> str:
