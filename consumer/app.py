@@ -6,19 +6,29 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import signal
+import sys
+import threading
 from pathlib import Path
 
-from consumer.config import Role, Settings, load_settings
+from consumer import log_summary
+from consumer.config import Role, Settings, load_settings, retired_variables
 from consumer.encoder import Encoder, TorchBackend
 from consumer.feature_index import FeatureIndex
 from consumer.health import HealthServer
 from consumer.model_builder import is_random_model
 from consumer.security import StartupError, log_effective_config, mongo_client
 from consumer.service import Service
+from consumer.supervisor import Policy
 
 log = logging.getLogger("consumer")
+
+EXIT_SHUTDOWN_TIMED_OUT = 4
+"""Process exit code when some shutdown step did not finish within ``SHUTDOWN_TIMEOUT_S``."""
+TEARDOWN_GRACE_S = 2.0
+"""Longest the event loop's own teardown may take after ``serve`` returned before the process exits anyway."""
 
 
 def model_config(model: str) -> dict:
@@ -87,7 +97,9 @@ def build_service(settings: Settings, encoder: Encoder | None = None) -> Service
 
 
 async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
-    """None when ``service`` can serve, else why not: broker unreachable, store unreachable, no partitions assigned."""
+    """None when ``service`` can serve, else why not: a failed background task, broker unreachable, store unreachable, no partitions assigned."""
+    if (failed := service.supervisor.reason) is not None:
+        return failed
     consumer = service.consumer
     if consumer is None:
         return "not connected to Kafka yet"
@@ -104,35 +116,129 @@ async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
         return "feature index still catching up with the features topic"
     if not consumer.assignment():
         return "no partitions assigned"
-    return None
+    return service.retry_reason()
 
 
 def health_server(settings: Settings, service: Service) -> HealthServer:
-    """``/metrics``, ``/healthz``, ``/readyz`` for ``service`` on ``METRICS_HOST:METRICS_PORT`` (call ``start``)."""
-    return HealthServer(service.metrics.registry, lambda: readiness(service), settings.metrics_host, settings.metrics_port)
+    """``/metrics``, ``/healthz``, ``/readyz`` for ``service`` on ``METRICS_HOST:METRICS_PORT`` (call ``start``).
+
+    Every ``/readyz`` answer also sets the ``clip_search_ready`` gauge.
+    """
+
+    async def probe() -> str | None:
+        reason = await readiness(service)
+        service.metrics.ready.set(1 if reason is None else 0)
+        return reason
+
+    return HealthServer(service.metrics.registry, probe, settings.metrics_host, settings.metrics_port)
 
 
-async def serve(settings: Settings) -> None:
-    """Run one replica until SIGTERM/SIGINT, then finish the batch in flight, commit and close."""
+async def serve(settings: Settings) -> int:
+    """Run one replica until SIGTERM/SIGINT (or a fatal background-task failure); return the exit code.
+
+    Once a stop is requested, everything ends within ``SHUTDOWN_TIMEOUT_S``: a start still in
+    progress is abandoned at once; the run loop gets what it needs of the budget to finish its
+    batch and commit; ``Service.close`` gets the rest. Steps still running at the deadline are
+    abandoned and named in one ERROR line, and the code is ``EXIT_SHUTDOWN_TIMED_OUT``; otherwise
+    it is ``service.exit_code`` (``EXIT_TASK_FAILED`` after a fatal task failure, else 0).
+    Raises ``StartupError`` (after closing) when the replica cannot start.
+    """
     log_effective_config(settings, log)
+    for line in retired_variables(os.environ):
+        log.warning(line)
     service = build_service(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    health = await health_server(settings, service).start()
-    await service.start()
     try:
-        await service.run()
-    finally:
+        health = await health_server(settings, service).start()
+    except OSError as exc:
         await service.close()
-        await health.close()
-        log.info("stopped after %d batches", service.batches)
+        raise StartupError(
+            f"cannot listen on METRICS_HOST:METRICS_PORT ({settings.metrics_host}:{settings.metrics_port}): {exc.strerror or exc}"
+        ) from None
+    service.supervisor.start("health-server", health.serve_forever, Policy.EXIT)
+    started = asyncio.Event()
+
+    async def start_and_run() -> None:
+        await service.start()
+        started.set()
+        await service.run()
+
+    work = asyncio.create_task(start_and_run(), name="service")
+    stop = asyncio.create_task(service.stop_requested.wait())
+    await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    budget = settings.shutdown_timeout_s
+    deadline = loop.time() + budget
+    timed_out: list[str] = []
+    if not work.done():
+        if not started.is_set():
+            log.info("stop requested while starting: abandoning the start")
+            work.cancel()
+        await asyncio.wait({work}, timeout=max(deadline - loop.time(), 0))
+        if not work.done():
+            work.cancel()
+            timed_out.append("finish the run loop (its batch in flight and commit, if any)" if started.is_set() else "abandon the start")
+    timed_out += await service.close(timeout_s=max(deadline - loop.time(), 0))
+    await service.supervisor.cancel()
+    await health.close()
+    if timed_out:
+        log.error(
+            "shutdown timed out after %g s (SHUTDOWN_TIMEOUT_S): could not %s; exiting with code %d",
+            budget, "; ".join(timed_out), EXIT_SHUTDOWN_TIMED_OUT,
+        )
+    failure = None if not work.done() or work.cancelled() else work.exception()
+    if failure is not None and not service.stop_requested.is_set():
+        raise failure
+    if failure is not None and started.is_set():
+        log.warning("the run loop ended with %r after the stop request", failure)
+    log.info("stopped after %d batches", service.batches)
+    return EXIT_SHUTDOWN_TIMED_OUT if timed_out else service.exit_code
 
 
 def main() -> None:
+    """``clip-search``: run ``serve`` and exit with its code; a start failure exits with one line on stderr.
+
+    When shutdown timed out, the process exits at once (whatever is still running is abandoned);
+    otherwise the event loop is torn down normally, for at most ``TEARDOWN_GRACE_S``.
+    """
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_summary.install()
+    runner = asyncio.Runner()
     try:
-        asyncio.run(serve(settings))
+        code = runner.run(serve(settings))
     except StartupError as exc:
-        raise SystemExit(f"clip-search could not start: {exc}") from None
+        message = f"clip-search could not start: {exc}"
+        _teardown(runner, 1, message)
+        raise SystemExit(message) from None
+    except BaseException:
+        _teardown(runner, 1)
+        raise
+    if code == EXIT_SHUTDOWN_TIMED_OUT:
+        _exit_now(code)
+    _teardown(runner, code)
+    raise SystemExit(code)
+
+
+def _teardown(runner: asyncio.Runner, code: int, message: str | None = None) -> None:
+    """Close ``runner``; if that takes longer than ``TEARDOWN_GRACE_S``, print ``message`` and exit with ``code`` anyway."""
+
+    def overdue() -> None:
+        log.error("event loop teardown did not finish in %g s: exiting anyway", TEARDOWN_GRACE_S)
+        _exit_now(code, message)
+
+    watchdog = threading.Timer(TEARDOWN_GRACE_S, overdue)
+    watchdog.daemon = True
+    watchdog.start()
+    runner.close()
+
+
+def _exit_now(code: int, message: str | None = None) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    if message is not None:
+        print(message, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(code)

@@ -6,6 +6,8 @@ An invalid value fails at start with an error naming the variable.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -95,12 +97,23 @@ class Settings(SecuritySettings, BaseSettings):
     )
     memory_low_water: Annotated[float, Field(gt=0.1, lt=1.0)] = 0.85
 
-    dlq_max_ratio: Annotated[float, Field(gt=0, le=1.0)] = 0.5
-    dlq_window: Annotated[int, Field(ge=1)] = 200
+    reply_topic_pattern: re.Pattern[str] | None = Field(
+        None,
+        description="regular expression every reply_to must match in full (unset: any topic but the service's own)",
+    )
+    reply_send_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0, description="how long a reply waits for its topic to appear in the broker's metadata before it is dead-lettered"
+    )
+    poison_max_attempts: Annotated[int, Field(ge=1)] = Field(
+        3, description="attempts at a record whose processing keeps failing before it is dead-lettered as internal_error"
+    )
     reply_cache_size: Annotated[int, Field(ge=0)] = 10_000
     reply_cache_ttl_s: Annotated[float, Field(gt=0)] = 600.0
     retry_backoff_s: Annotated[float, Field(gt=0)] = 2.0
     retry_backoff_max_s: Annotated[float, Field(gt=0)] = 10.0
+    shutdown_timeout_s: Annotated[float, Field(ge=1)] = Field(
+        20.0, description="after SIGTERM, the process exits within this many seconds whatever the state of its clients"
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -108,13 +121,43 @@ class Settings(SecuritySettings, BaseSettings):
     def _consistent(self) -> Settings:
         if self.top_k > self.max_top_k:
             raise ValueError(f"TOP_K ({self.top_k}) must not exceed MAX_TOP_K ({self.max_top_k})")
+        if self.reply_topic in self.own_topics:
+            raise ValueError(f"REPLY_TOPIC ({self.reply_topic}) must not be one of the service's own topics")
         if not self.cache_products and not self.mongodb_uri:
             raise ValueError("CACHE_PRODUCTS=false streams features from the store: set MONGODB_URI")
         return self
 
     @property
+    def own_topics(self) -> frozenset[str]:
+        """Every topic the service reads or writes for itself; a reply may never be written to one."""
+        return frozenset(
+            {self.search_requests_topic, self.product_updates_topic, self.features_topic, self.dead_letter_topic}
+        )
+
+    def reply_topic_allowed(self, topic: str) -> bool:
+        """The default reply topic always; any other unless it is one of ``own_topics`` or misses ``REPLY_TOPIC_PATTERN``."""
+        if topic == self.reply_topic:
+            return True
+        if topic in self.own_topics:
+            return False
+        return self.reply_topic_pattern is None or self.reply_topic_pattern.fullmatch(topic) is not None
+
+    @property
     def max_batch_wait_s(self) -> float:
         return self.max_batch_wait_ms / 1000.0
+
+
+RETIRED_VARIABLES = {
+    "DLQ_MAX_RATIO": "client errors no longer stop a replica; alert on clip_search_errors_total{owner=\"client\"} instead",
+    "DLQ_WINDOW": "client errors no longer stop a replica; alert on clip_search_errors_total{owner=\"client\"} instead",
+}
+"""Variables earlier versions read, with why they are ignored now."""
+
+
+def retired_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per retired variable set in ``environ``."""
+    names = {k.upper() for k in environ}
+    return [f"{name} is set but no longer used: {why}" for name, why in RETIRED_VARIABLES.items() if name in names]
 
 
 class ConfigError(SystemExit):

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from consumer import memory
+from consumer.errors import owner_of
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -165,8 +166,18 @@ class ServiceMetrics:
         self.product_updates = Counter(
             f"{PREFIX}_product_updates", "Product updates consumed, by outcome (applied, stale or error code).", ["outcome"], registry=r
         )
-        self.errors = Counter(f"{PREFIX}_errors", "Rejected input records, by error code.", ["code"], registry=r)
+        self.errors = Counter(
+            f"{PREFIX}_errors",
+            "Records answered with an error, by error code and owner (client: the input; service: processing kept failing).",
+            ["code", "owner"],
+            registry=r,
+        )
         self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Records published to the dead-letter topic, by error code.", ["code"], registry=r)
+        self.partitions_retrying = Gauge(
+            f"{PREFIX}_partitions_retrying",
+            "Assigned partitions paused to retry records whose processing failed (store down, poison record).",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             f"{PREFIX}_consumer_lag_records",
             "Records not yet handed to the service per assigned partition (highwater - position).",
@@ -188,8 +199,16 @@ class ServiceMetrics:
             "Unix time of the index snapshot last loaded or written (0: none yet).",
             registry=r,
         )
+        self.background_task_failures = Counter(
+            f"{PREFIX}_background_task_failures",
+            "Background tasks that ended unexpectedly (then restarted or the replica stopped), by task.",
+            ["task"],
+            registry=r,
+        )
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when the latest /readyz check passed, else 0 (0 until the first).", registry=r)
         self.requests.labels(OK)
         self.replies.labels(OK)
+        self.product_updates.labels("applied")
         self._lag_labels: set[tuple[str, str]] = set()
         self._paused = False
 
@@ -247,7 +266,7 @@ class ServiceMetrics:
                 continue
             code = rejected.get((r.topic, r.partition, r.offset))
             if code is not None:
-                self.errors.labels(code).inc()
+                self.errors.labels(code, owner_of(code)).inc()
             if r.topic == self.search_topic:
                 self.requests.labels(code or OK).inc()
                 if r.timestamp and r.timestamp > 0:

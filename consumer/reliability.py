@@ -1,8 +1,6 @@
-"""Policies that keep a replica honest under bad input and retries.
+"""Policies that keep a replica honest under retries.
 
-``DeadLetterPolicy`` stops a replica whose recent input is mostly dead-lettered
-(a bad deploy upstream or here should page someone, not silently divert
-everything). ``ReplyCache`` answers a redelivered request_id with the bytes it
+``ReplyCache`` answers a redelivered request_id with the bytes it
 was first answered with, so a duplicate is never recomputed or answered with
 different content while it is in the window.
 """
@@ -10,40 +8,10 @@ different content while it is in the window.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Callable, Generic, TypeVar
 
 V = TypeVar("V")
-
-
-class DeadLetterRateExceeded(RuntimeError):
-    """Raised by the service loop when ``DeadLetterPolicy`` trips."""
-
-
-class DeadLetterPolicy:
-    """Trips when more than ``max_ratio`` of the last ``window`` messages were dead-lettered.
-
-    Not before ``window`` messages have been seen; ``max_ratio >= 1`` never trips.
-    """
-
-    def __init__(self, max_ratio: float, window: int) -> None:
-        self.max_ratio = max_ratio
-        self.window = window
-        self._outcomes: deque[bool] = deque(maxlen=window)
-        self._dead = 0
-
-    def record(self, dead: bool) -> None:
-        if len(self._outcomes) == self.window and self._outcomes[0]:
-            self._dead -= 1
-        self._outcomes.append(dead)
-        self._dead += dead
-
-    @property
-    def ratio(self) -> float:
-        return self._dead / len(self._outcomes) if self._outcomes else 0.0
-
-    def tripped(self) -> bool:
-        return self.max_ratio < 1.0 and len(self._outcomes) >= self.window and self.ratio > self.max_ratio
 
 
 class ReplyCache(Generic[V]):

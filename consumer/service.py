@@ -29,7 +29,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.batching import collect_batch
 from consumer.config import Role, Settings
 from consumer.encoder import Encoder
-from consumer.errors import InputError
+from consumer.errors import InputError, ReplyTopicNotAllowed, ReplyUndeliverable, ServiceFailure, is_dependency_outage
 from consumer.feature_follower import FeatureFollower
 from consumer.feature_index import FeatureIndex
 from consumer.handlers import (
@@ -49,9 +49,10 @@ from consumer.images import ImageLimits
 from consumer.metrics import ServiceMetrics
 from consumer.backpressure import MemoryGuard
 from consumer.memory import release_memory
-from consumer.reliability import DeadLetterPolicy, DeadLetterRateExceeded, ReplyCache
-from consumer.security import start_kafka_client
-from consumer.transport import Outbound, make_consumer, make_producer, publish_all
+from consumer.reliability import ReplyCache
+from consumer.security import MongoUnreachable, check_mongo, start_kafka_client
+from consumer.supervisor import Supervisor
+from consumer.transport import REFUSED_TOPIC, TOO_LARGE, Outbound, make_consumer, make_producer, publish_all, publish_each
 from schemas import ErrorReply, ProductUpdated, SearchResult
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class BatchReport:
     """Next offset to commit per partition."""
     rewind: dict[TopicPartition, int] = field(default_factory=dict)
     """Partitions whose records could not be handled (e.g. store down): seek back here and retry later."""
+    retry_reasons: dict[TopicPartition, str] = field(default_factory=dict)
+    """Why each partition in ``rewind`` is retried (reported by ``/readyz`` until it succeeds)."""
+    service_failures: int = 0
+    """Records dead-lettered as ``internal_error`` after ``POISON_MAX_ATTEMPTS`` failed attempts."""
 
 
 def retry_delay(failures: int, base_s: float, cap_s: float) -> float:
@@ -142,7 +147,9 @@ class Service:
         self.polls = 0
         self._lag_updated = 0.0
         self.replies_sent = 0
-        self.dead_letter_policy = DeadLetterPolicy(settings.dlq_max_ratio, settings.dlq_window)
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self.retrying: dict[TopicPartition, str] = {}
+        """Partitions waiting to retry records whose processing failed, with the reason (not-ready while any)."""
         self.reply_cache: ReplyCache[Outbound] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
         self._retry_at: dict[TopicPartition, float] = {}
         self._retry_failures: dict[TopicPartition, int] = {}
@@ -155,6 +162,11 @@ class Service:
             index=index,
             memory_limit_bytes=settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None,
             labels={"role": settings.role.value, "model": encoder.model_id, "random_weights": str(encoder.random_weights).lower()},
+        )
+        self.exit_code = 0
+        """The process exit code ``request_stop`` was last given a non-zero one for (0: a normal stop)."""
+        self.supervisor = Supervisor(
+            self.request_stop, self.metrics.background_task_failures, settings.retry_backoff_s, settings.retry_backoff_max_s
         )
 
     @property
@@ -175,6 +187,8 @@ class Service:
         self.producer = make_producer(s)
         await self._with_backoff("connect the producer", lambda: start_kafka_client(s, self.producer))
         if self.store is not None:
+            client = self.store.collection.database.client
+            await self._with_backoff("reach the store", lambda: check_mongo(client, s), transient=(MongoUnreachable,))
             await self.store.ensure_indexes()
             if s.role is not Role.SEARCH:
                 await self._reencode_other_models()
@@ -187,11 +201,13 @@ class Service:
                 await self._join_group()
             elif self.store is not None:
                 await self._fill_index_from_store()
-            await self.follower.start()
+            await self.follower.start(
+                connect=lambda client: self._with_backoff("connect the features consumer", lambda: start_kafka_client(s, client))
+            )
             await self.follower.catch_up(nearly_done=self._join_group)
             self.metrics.index_catch_up.set(time.monotonic() - started)
             release_memory()
-            self.follower.run_in_background()
+            self.follower.run_in_background(self.supervisor)
         await self._join_group()
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
 
@@ -268,8 +284,14 @@ class Service:
             ]
         )
 
-    def request_stop(self) -> None:
-        """Finish the batch in flight, commit it, then leave ``run``."""
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set once ``request_stop`` was called (wait on it; never set it directly)."""
+        return self._stopping
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Finish the batch in flight, commit it, then leave ``run``; a non-zero ``exit_code`` is kept in ``exit_code``."""
+        self.exit_code = exit_code or self.exit_code
         self._stopping.set()
 
     async def _with_backoff(self, what: str, attempt, transient=(KafkaError, OSError)):
@@ -293,7 +315,8 @@ class Service:
     async def run(self) -> None:
         """Loop until ``request_stop``: collect, handle, publish (acknowledged), commit.
 
-        Raises ``DeadLetterRateExceeded`` when the dead-letter policy trips (after committing the batch).
+        Bad input never ends the loop, whatever its share of the traffic (it is answered and
+        committed); a failing dependency pauses the affected partitions and retries them.
         """
         assert self.consumer is not None
         while not self._stopping.is_set():
@@ -319,14 +342,17 @@ class Service:
             images_before = self.product_handler.encoded_images
             try:
                 report, outbound = await self.process(records)
-                await self._with_backoff("publish replies", lambda: self.publish(outbound))
+                outbound = await self._with_backoff("publish replies", lambda: self.publish(outbound))
                 acknowledged_at = time.time()
                 for tp in report.rewind:
                     report.offsets.pop(tp, None)
                 await self._commit(report.offsets)
-                for tp in report.offsets:
+                for tp, offset in report.offsets.items():
                     self._retry_failures.pop(tp, None)
-                self._rewind(report.rewind)
+                    self.retrying.pop(tp, None)
+                    self._forget_attempts(tp, offset)
+                self._rewind(report.rewind, report.retry_reasons)
+                self.metrics.partitions_retrying.set(len(self.retrying))
                 self.batches += 1
                 self.metrics.observe_batch(
                     records, outbound, products_applied=report.products_applied, products_stale=report.products_stale,
@@ -337,14 +363,22 @@ class Service:
                 self._idle.set()
             if self.product_handler.encoded_images != images_before:
                 release_memory()
-            for n in range(report.messages):
-                self.dead_letter_policy.record(n < report.dead_letters)
-            if self.dead_letter_policy.tripped():
-                log.critical(
-                    "stopping: %.0f%% of the last %d messages were dead-lettered (DLQ_MAX_RATIO=%s); check the producers and this deploy",
-                    100 * self.dead_letter_policy.ratio, self.settings.dlq_window, self.settings.dlq_max_ratio,
-                )
-                raise DeadLetterRateExceeded(f"dead-letter ratio {self.dead_letter_policy.ratio:.2f} over {self.settings.dlq_window} messages")
+
+    def retry_reason(self) -> str | None:
+        """Why some assigned partition is paused for a retry (None when none is): ``/readyz`` reports it."""
+        assigned = self.consumer.assignment() if self.consumer is not None else set()
+        for tp in [tp for tp in self.retrying if tp not in assigned]:
+            del self.retrying[tp]
+        if not self.retrying:
+            return None
+        tp, reason = next(iter(self.retrying.items()))
+        more = f" (and {len(self.retrying) - 1} more partitions)" if len(self.retrying) > 1 else ""
+        return f"retrying {tp.topic}[{tp.partition}] after: {reason}{more}"
+
+    def _forget_attempts(self, tp: TopicPartition, committed: int) -> None:
+        """Drop failure counts of records of ``tp`` before the committed offset: they are done."""
+        for key in [k for k in self._attempts if k[0] == tp.topic and k[1] == tp.partition and k[2] < committed]:
+            del self._attempts[key]
 
     def _unload_idle_vision(self) -> None:
         """``MODEL_IDLE_UNLOAD_S``: drop the image tower after that long unused (it reloads on the next image)."""
@@ -362,7 +396,7 @@ class Service:
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("commit failed after a rebalance (%s); the new owner re-delivers these records", exc)
 
-    def _rewind(self, rewind: dict[TopicPartition, int]) -> None:
+    def _rewind(self, rewind: dict[TopicPartition, int], reasons: dict[TopicPartition, str] | None = None) -> None:
         """Seek failed partitions back and pause each before trying again.
 
         The pause is ``RETRY_BACKOFF_S`` after a first failure and doubles with each consecutive
@@ -373,6 +407,7 @@ class Service:
             return
         live = {tp: off for tp, off in rewind.items() if tp in self.consumer.assignment()}
         for tp, offset in live.items():
+            self.retrying[tp] = (reasons or {}).get(tp, "processing failed")
             self.consumer.seek(tp, offset)
             failures = self._retry_failures.get(tp, 0) + 1
             self._retry_failures[tp] = failures
@@ -411,17 +446,20 @@ class Service:
         """Records for the batch being collected. Handing any out marks the service busy, so a rebalance
         waits until they are answered and committed rather than re-delivering them to another owner.
 
-        While a rebalance waits, nothing more is fetched (aiokafka's getmany would block until the new
-        assignment): the fetch in progress is abandoned and ``collect_batch`` returns the batch in hand.
+        While a rebalance waits or a stop is requested, nothing more is fetched (aiokafka's getmany would
+        block until the new assignment, or hang while the broker is gone): the fetch in progress is
+        abandoned and ``collect_batch`` returns the batch in hand.
         """
         if self._stopping.is_set() or self._revoking.is_set():
             return []
         fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
         revoking = asyncio.ensure_future(self._revoking.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait({fetch, revoking}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({fetch, revoking, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             revoking.cancel()
+            stopping.cancel()
             if not fetch.done():
                 fetch.cancel()
         if fetch not in done:
@@ -431,21 +469,54 @@ class Service:
             self._idle.clear()
         return records
 
-    async def publish(self, messages: list[Outbound]) -> None:
-        """Publish and wait for every acknowledgement; raising here leaves the batch uncommitted."""
-        await publish_all(self.producer, messages)
+    async def publish(self, messages: list[Outbound]) -> list[Outbound]:
+        """Publish and wait for every acknowledgement; raising here leaves the batch uncommitted.
 
-    async def close(self) -> None:
-        """Stop the follower and the Kafka clients and close the store (safe to call twice)."""
+        Returns what was published. A reply the broker will not take is replaced by a dead letter of
+        its request (``reply_undeliverable``), so no single reply stalls a partition: too large
+        anywhere; an unknown, forbidden or refused topic only when the client named it (a broken
+        default ``REPLY_TOPIC`` is the service's failure). Any other failure raises and the caller
+        retries the whole publish.
+        """
+        failed = await publish_each(self.producer, messages, self.settings.reply_send_timeout_s)
+        if not failed:
+            return messages
+        given_up = {id(m) for m, _ in failed}
+        dead = []
+        for message, exc in failed:
+            reason = f"reply to {message.topic!r} was not accepted by the broker: {type(exc).__name__}: {exc}"
+            log.warning("request %s: %s; dead-lettered", (message.key or b"").decode(errors="replace"), reason)
+            dead.append(self._dead_letter(message.source, ReplyUndeliverable(reason)))
+        await publish_all(self.producer, dead)
+        return [m for m in messages if id(m) not in given_up] + dead
+
+    async def close(self, timeout_s: float | None = None) -> list[str]:
+        """Stop the follower and the Kafka clients and close the store, concurrently (safe to call twice).
+
+        Returns what did not finish within ``timeout_s`` (None: no limit), e.g. ``["close the
+        consumer (leave the group)"]``; those steps are cancelled. A step that fails is logged.
+        """
+        steps = {}
         if self.follower is not None:
-            await self.follower.stop()
+            steps["stop the feature follower (last snapshot)"] = self.follower.stop()
             self.follower = None
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                await client.stop()
+        if self.consumer is not None:
+            steps["close the consumer (leave the group)"] = self.consumer.stop()
+        if self.producer is not None:
+            steps["close the producer (flush pending sends)"] = self.producer.stop()
         self.consumer = self.producer = None
         if self.store is not None:
-            await self.store.close()
+            steps["close the store"] = self.store.close()
+        tasks = {asyncio.ensure_future(step): what for what, step in steps.items()}
+        if not tasks:
+            return []
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("could not %s: %r", tasks[task], task.exception())
+        return [what for task, what in tasks.items() if task in pending]
 
     def _dead_letter(self, record: ConsumerRecord, err: InputError) -> Outbound:
         headers = [
@@ -454,14 +525,20 @@ class Service:
             ("source.topic", record.topic.encode()),
             ("source.partition", str(record.partition).encode()),
             ("source.offset", str(record.offset).encode()),
+            ("error.owner", err.owner.encode()),
         ]
         return Outbound(self.settings.dead_letter_topic, record.value or b"", record.key, headers)
 
-    def _reply(self, topic: str, reply: SearchResult | ErrorReply) -> Outbound:
+    def _reply(self, topic: str, reply: SearchResult | ErrorReply, source: ConsumerRecord) -> Outbound:
         rid = (reply.request_id or "").encode()
         kind = b"search_result.v1" if isinstance(reply, SearchResult) else b"error_reply.v1"
         headers = [("correlation_id", rid), ("content-type", JSON), ("event-type", kind)]
-        return Outbound(topic, reply.model_dump_json().encode(), rid or None, headers)
+        give_up_on = TOO_LARGE if topic == self.settings.reply_topic else TOO_LARGE + REFUSED_TOPIC
+        return Outbound(topic, reply.model_dump_json().encode(), rid or None, headers, give_up_on=give_up_on, source=source)
+
+    def _reply_topic(self, requested: str | None) -> str:
+        """Where a reply goes: the request's ``reply_to`` when allowed, else the default reply topic."""
+        return requested if requested and self.settings.reply_topic_allowed(requested) else self.settings.reply_topic
 
     async def process(self, records: list[ConsumerRecord]) -> tuple[BatchReport, list[Outbound]]:
         """Turn a batch of records into outbound messages; never raises for bad input.
@@ -475,6 +552,12 @@ class Service:
 
         def emit(record: ConsumerRecord, kind: str, message: Outbound) -> None:
             emitted.append((record, kind, message))
+
+        def reject_search(record: ConsumerRecord, err: InputError) -> None:
+            emit(record, "dead_letters", self._dead_letter(record, err))
+            rid, reply_to = reply_address(record.value)
+            if rid is not None:
+                emit(record, "error_replies", self._reply(self._reply_topic(reply_to), error_reply(rid, err), record))
 
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
@@ -494,11 +577,14 @@ class Service:
                 continue
             try:
                 req = parse_search(r.value, s.max_message_bytes, s.max_top_k)
+                if req.reply_to is not None and not s.reply_topic_allowed(req.reply_to):
+                    raise ReplyTopicNotAllowed(
+                        f"reply_to {req.reply_to!r} is not allowed: it names one of the service's own topics"
+                        if req.reply_to in s.own_topics
+                        else f"reply_to {req.reply_to!r} does not match REPLY_TOPIC_PATTERN"
+                    )
             except InputError as err:
-                emit(r, "dead_letters", self._dead_letter(r, err))
-                rid, reply_to = reply_address(r.value)
-                if rid is not None:
-                    emit(r, "error_replies", self._reply(reply_to or s.reply_topic, error_reply(rid, err)))
+                reject_search(r, err)
                 continue
             cached = self.reply_cache.get(req.request_id)
             if cached is not None or req.request_id in batch_ids:
@@ -509,14 +595,13 @@ class Service:
             search_records.append(r)
 
         if updates:
-            try:
-                outcomes = await self.product_handler.handle(updates)
-            except Exception:
-                log.exception("product updates failed (store or encoder unavailable?); will retry %d updates", len(updates))
-                self._mark_rewind(report, update_records)
-                outcomes = []
+            outcomes = await self._isolating(self.product_handler.handle, updates, update_records, report, "product update")
             for r, outcome in zip(update_records, outcomes):
-                if outcome.error is not None:
+                if outcome is None:
+                    continue
+                if isinstance(outcome, ServiceFailure):
+                    emit(r, "dead_letters", self._dead_letter(r, outcome))
+                elif outcome.error is not None:
                     emit(r, "dead_letters", self._dead_letter(r, outcome.error))
                 elif outcome.status == "applied":
                     report.products_applied += 1
@@ -525,15 +610,14 @@ class Service:
 
         if searches:
             report.searches = len(searches)
-            try:
-                replies = await self.search_handler.handle(searches)
-                self.metrics.observe_search(replies)
-            except Exception:
-                log.exception("search batch failed (store unavailable in on-demand mode?); will retry %d requests", len(searches))
-                self._mark_rewind(report, search_records)
-                replies = []
+            replies = await self._isolating(self.search_handler.handle, searches, search_records, report, "search")
+            self.metrics.observe_search([r for r in replies if r is not None and not isinstance(r, ServiceFailure)])
             for pending, r, reply in zip(searches, search_records, replies):
-                message = self._reply(pending.request.reply_to or s.reply_topic, reply)
+                if reply is None:
+                    continue
+                if isinstance(reply, ServiceFailure):
+                    reply = error_reply(pending.request.request_id, reply)
+                message = self._reply(self._reply_topic(pending.request.reply_to), reply, r)
                 self.reply_cache.put(pending.request.request_id, message)
                 if isinstance(reply, SearchResult):
                     emit(r, "replies", message)
@@ -552,8 +636,42 @@ class Service:
                 setattr(report, kind, getattr(report, kind) + 1)
         return report, out
 
+    async def _isolating(self, handle, items: list, records: list[ConsumerRecord], report: BatchReport, what: str) -> list:
+        """``handle(items)``, one outcome per item; a failure of the service is narrowed down, never raised.
+
+        - A dependency outage (``is_dependency_outage``): every item is left for a retry (None).
+        - Any other exception: the batch is bisected until the failing records are alone; each such
+          record is retried (None) up to ``POISON_MAX_ATTEMPTS`` attempts in all, then given up on as a
+          ``ServiceFailure`` (dead-lettered as ``internal_error``), so the partition moves on.
+        Items left for a retry mark their partition in ``report.rewind`` with the reason.
+        """
+        try:
+            return list(await handle(items))
+        except Exception as exc:
+            reason = f"{what} failed: {type(exc).__name__}: {exc}"
+            if is_dependency_outage(exc):
+                log.warning("%s (dependency unavailable?); will retry %d records", reason, len(items))
+                self._mark_rewind(report, records, reason)
+                return [None] * len(items)
+            if len(items) > 1:
+                mid = len(items) // 2
+                first = await self._isolating(handle, items[:mid], records[:mid], report, what)
+                return first + await self._isolating(handle, items[mid:], records[mid:], report, what)
+            r = records[0]
+            key = (r.topic, r.partition, r.offset)
+            attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
+            if attempts < self.settings.poison_max_attempts:
+                log.exception("%s at %s[%d]@%d, attempt %d of %d; will retry", what, *key, attempts, self.settings.poison_max_attempts)
+                self._mark_rewind(report, records, reason)
+                return [None]
+            log.exception("%s at %s[%d]@%d failed %d times: dead-lettered as internal_error", what, *key, attempts)
+            del self._attempts[key]
+            report.service_failures += 1
+            return [ServiceFailure(reason[:1000])]
+
     @staticmethod
-    def _mark_rewind(report: BatchReport, records: list[ConsumerRecord]) -> None:
+    def _mark_rewind(report: BatchReport, records: list[ConsumerRecord], reason: str) -> None:
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             report.rewind[tp] = min(report.rewind.get(tp, r.offset), r.offset)
+            report.retry_reasons.setdefault(tp, reason)

@@ -103,10 +103,18 @@ ROWS: list[tuple[str, list[tuple[str, str, str, int, list[tuple[str, str]], str]
             ("Consumer lag by partition", "timeseries", "short", 8, [
                 (f"sum by (topic, partition) (clip_search_consumer_lag_records{{{SEL}}})", "{{topic}}[{{partition}}]"),
             ], "Highwater minus position per assigned partition."),
-            ("Errors by code", "timeseries", "ops", 8, by_rate("clip_search_errors_total", "code"),
-             "Rejected input records per second by error code."),
+            ("Errors by code", "timeseries", "ops", 8, [
+                (f"sum by (owner, code) (rate(clip_search_errors_total{{{SEL}}}[{RATE}]))", "{{owner}}: {{code}}"),
+            ], "Records answered with an error per second, by owner (client: the input; service: processing kept failing) and code."),
             ("Dead letters by code", "timeseries", "ops", 8, by_rate("clip_search_dead_letters_total", "code"),
              "Records published to the dead-letter topic per second."),
+            ("Client error ratio", "timeseries", "percentunit", 12, [
+                (f'sum(rate(clip_search_errors_total{{owner="client", {SEL}}}[{RATE}])) / (sum(rate(clip_search_requests_total{{{SEL}}}[{RATE}])) + sum(rate(clip_search_product_updates_total{{{SEL}}}[{RATE}])))',
+                 "client errors / records"),
+            ], "Share of consumed records rejected as client errors; the alert ClipSearchClientErrorRatio fires above 20% for 10 minutes. Replicas keep serving."),
+            ("Partitions retrying", "timeseries", "short", 12, [
+                (f"clip_search_partitions_retrying{{{SEL}}}", "{{instance}}"),
+            ], "Partitions paused to retry after a dependency outage or a failing record; /readyz says why."),
             ("Replicas up", "stat", "short", 24, [
                 (f'sum(up{{job="clip-search", {SEL}}})', "up"),
             ], "Scrape targets answering /metrics."),

@@ -53,6 +53,12 @@ _BAD_REQUESTS = [
     lambda rid: {"request_id": rid, "query_text": "shoes", "filters": {"colour": "red"}},
     lambda rid: {"request_id": rid, "query_text": "   "},
     lambda rid: {"request_id": rid, "query_text": "shoes", "schema_version": 9},
+    lambda rid: {"request_id": rid, "query_image_b64": "not base64!!"},
+    lambda rid: {"request_id": rid, "query_image_b64": "bm90IGFuIGltYWdl"},  # base64 of b"not an image"
+    lambda rid: {"request_id": rid, "query_text": "x" * 2000},
+    lambda rid: {"request_id": rid, "query_text": "shoes", "deadline": "2001-01-01T00:00:00Z"},
+    lambda rid: {"request_id": rid, "query_text": "shoes", "colour": "red"},
+    lambda rid: {"request_id": rid, "query_text": 42},
 ]
 
 
@@ -247,12 +253,12 @@ class PublishGate:
         self.holding.clear()
         self.forwarded.clear()
 
-    async def __call__(self, messages) -> None:
+    async def __call__(self, messages):
         if not self.opened.is_set():
             self.holding.set()
             await self.opened.wait()
             self.forwarded.set()
-        await self._publish(messages)
+        return await self._publish(messages)
 
 
 def index_versions(service: Service, stream: Stream) -> dict[str, int]:
@@ -444,17 +450,18 @@ ASSIGNED = "consumer.service: assigned partitions"
 
 
 class ServiceProcess:
-    """``python -m consumer`` configured through environment variables, logging to a file per start."""
+    """``python -m consumer`` (or ``module``) configured through environment variables, logging to a file per start."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], module: str = "consumer") -> None:
         self.workdir = workdir
+        self.module = module
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **env}
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / f"service-{self.starts}.log"
+        return self.workdir / f"{self.env.get('KAFKA_CLIENT_ID', 'service')}-{self.starts}.log"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -464,7 +471,7 @@ class ServiceProcess:
         self.env["METRICS_PORT"] = str(free_port())
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer"], cwd=self.workdir, env=self.env,
+                [sys.executable, "-m", self.module], cwd=self.workdir, env=self.env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
         await wait_for(lambda: ASSIGNED in self.log() or self.proc.poll() is not None, timeout=60, what="the service process to be assigned")

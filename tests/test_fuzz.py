@@ -160,7 +160,6 @@ def service(tiny_model, loop) -> Service:
             reply_topic=REPLIES,
             max_message_bytes=MAX_MESSAGE_BYTES,
             max_image_pixels=1_000_000,
-            dlq_max_ratio=1.0,
             _env_file=None,
         )
     )

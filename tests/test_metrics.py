@@ -203,7 +203,7 @@ def test_observe_batch_counts_outcomes_from_what_was_published():
     assert get("clip_search_replies_total", {"outcome": "ok"}) == 2
     assert get("clip_search_replies_total", {"outcome": "schema_violation"}) == 1
     assert get("clip_search_replies_total", {"outcome": "invalid_json"}) is None
-    assert get("clip_search_errors_total", {"code": "invalid_image"}) == 1
+    assert get("clip_search_errors_total", {"code": "invalid_image", "owner": "client"}) == 1
     assert get("clip_search_dead_letters_total", {"code": "invalid_json"}) == 1
     assert get("clip_search_product_updates_total", {"outcome": "applied"}) == 1
     assert get("clip_search_product_updates_total", {"outcome": "invalid_image"}) == 1

@@ -1,25 +1,4 @@
-from consumer.reliability import DeadLetterPolicy, ReplyCache
-
-
-def test_dead_letter_policy_trips_only_on_a_full_window_above_ratio():
-    policy = DeadLetterPolicy(max_ratio=0.5, window=10)
-    for _ in range(9):
-        policy.record(True)
-    assert not policy.tripped(), "must not trip before the window is full"
-    policy.record(True)
-    assert policy.tripped()
-    for _ in range(5):
-        policy.record(False)
-    assert policy.ratio == 0.5 and not policy.tripped()
-    policy.record(False)
-    assert policy.ratio == 0.4
-
-
-def test_dead_letter_policy_disabled_at_ratio_one():
-    policy = DeadLetterPolicy(max_ratio=1.0, window=3)
-    for _ in range(10):
-        policy.record(True)
-    assert not policy.tripped()
+from consumer.reliability import ReplyCache
 
 
 def test_reply_cache_is_bounded_and_expires():
