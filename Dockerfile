@@ -36,7 +36,7 @@ RUN pip install -c constraints.txt .
 # run the one-time export (clip-search-export-onnx, about 1 GB of memory) outside the 512 MB container.
 RUN if [ -n "$BAKE_MODEL" ]; then \
       python -c "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], local_dir='/opt/models/clip', allow_patterns=['*.json', '*.txt', '*.safetensors'])" "$BAKE_MODEL" \
-      && python -m consumer.onnx_export --model /opt/models/clip --out /opt/models/clip-onnx-int8 --quantize int8; \
+      && python -m consumer.tools.onnx_export --model /opt/models/clip --out /opt/models/clip-onnx-int8 --quantize int8; \
     fi \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
  && mkdir -p /models /snapshots \

@@ -106,7 +106,7 @@ def queries() -> list[str]:
 def images() -> np.ndarray:
     from PIL import Image, ImageDraw
 
-    from consumer.images import clip_pixels
+    from consumer.encoder.images import clip_pixels
 
     files = sorted((REPO / "producer_examples" / "catalog" / "images").glob("*.png"))
     out = [clip_pixels(Image.open(p).convert("RGB")) for p in files[:IMAGES]]
@@ -153,11 +153,11 @@ def worker(cfg: dict, threads: int, out_npz: str, n_products: int) -> dict:
     texts = queries()
     base = proc_status()
     if cfg["runtime"] == "torch":
-        from consumer.encoder import TorchBackend
+        from consumer.encoder.torch_backend import TorchBackend
 
         backend = TorchBackend(str(MODEL_DIR), threads)
     else:
-        from consumer.onnx_backend import OnnxBackend
+        from consumer.encoder.onnx_backend import OnnxBackend
 
         levers = {k: cfg[k] for k in ("mmap", "arena", "arena_shrink", "max_batch") if k in cfg}
         backend = OnnxBackend(str(ONNX_DIRS[cfg["quantize"]]), threads, **levers)
@@ -186,11 +186,11 @@ def worker(cfg: dict, threads: int, out_npz: str, n_products: int) -> dict:
 
 
 def ensure_artifacts() -> None:
-    from consumer.model_builder import build_random_clip
-    from consumer.onnx_export import export_in_subprocess, is_current
+    from consumer.tools.model_builder import build_random_clip
+    from consumer.tools.onnx_export import export_in_subprocess, is_current
 
     if not (MODEL_DIR / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "consumer.model_builder", "--out", str(MODEL_DIR), "--size", "vit-b-32"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "consumer.tools.model_builder", "--out", str(MODEL_DIR), "--size", "vit-b-32"], check=True, cwd=REPO)
     build_random_clip(MODEL_DIR, size="vit-b-32")
     for quantize, out in ONNX_DIRS.items():
         if not is_current(str(MODEL_DIR), out, quantize=quantize):

@@ -38,9 +38,9 @@ import numpy as np
 
 from benchmarks.catalog import features, fields
 from consumer.app import onnx_dir_for
-from consumer.config import Settings
-from consumer.feature_index import ProductMeta
-from consumer.model_builder import build_random_clip
+from consumer.config.settings import Settings
+from consumer.index.feature_index import ProductMeta
+from consumer.tools.model_builder import build_random_clip
 from devservices import MongoServer, TansuBroker, create_topics, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
     from aiokafka import AIOKafkaProducer
     from pymongo import AsyncMongoClient
 
-    from consumer.store import ProductStore
+    from consumer.store.product_store import ProductStore
     from schemas import ProductFeature
 
     feats = features(n)
@@ -218,10 +218,11 @@ def fidelity(model_dir: str, onnx_dir: Path, n_products: int) -> dict:
 import json, numpy as np, sys
 sys.path.insert(0, {str(REPO)!r})
 from benchmarks.onnx_levers import products, queries
-from consumer.encoder import Encoder, TorchBackend
-from consumer.onnx_backend import OnnxBackend
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.ranking import Query
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.torch_backend import TorchBackend
+from consumer.encoder.onnx_backend import OnnxBackend
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.index.ranking import Query
 from benchmarks.catalog import features
 torch_enc = Encoder(TorchBackend({model_dir!r}, 2), "fp32")
 ort_enc = Encoder(OnnxBackend({str(onnx_dir)!r}, 2), "int8")
@@ -291,7 +292,7 @@ def main() -> int:
     t = time.monotonic()
     model_dir = str(build_random_clip(CACHE / "models" / "vit-b-32", size="vit-b-32"))
     settings = Settings(clip_model=model_dir, model_cache_dir=str(CACHE), _env_file=None)
-    from consumer.onnx_export import export_in_subprocess
+    from consumer.tools.onnx_export import export_in_subprocess
 
     onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
     model_id = model_dir + "#onnx-int8"

@@ -54,7 +54,7 @@ def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def queries_and_params(filtered: bool):
-    from consumer.ranking import Query, SearchFilter
+    from consumer.index.ranking import Query, SearchFilter
 
     queries = unit_rows(np.random.default_rng(123), QUERIES)
     f = SearchFilter(category="hats") if filtered else None
@@ -65,7 +65,7 @@ async def populate(uri: str, database: str, collection: str, n: int, batch: int 
     from bson import Binary
     from pymongo import AsyncMongoClient
 
-    from consumer.store import FEATURE_DTYPE, ProductStore
+    from consumer.store.product_store import FEATURE_DTYPE, ProductStore
 
     client: AsyncMongoClient = AsyncMongoClient(uri)
     store = ProductStore(client, database, collection)
@@ -102,7 +102,7 @@ async def populate(uri: str, database: str, collection: str, n: int, batch: int 
 async def child_store(uri: str, database: str, collection: str, repeats: int) -> dict:
     from pymongo import AsyncMongoClient
 
-    from consumer.store import ProductStore
+    from consumer.store.product_store import ProductStore
 
     client: AsyncMongoClient = AsyncMongoClient(uri)
     store = ProductStore(client, database, collection)
@@ -123,7 +123,7 @@ async def child_store(uri: str, database: str, collection: str, repeats: int) ->
 
 
 def child_index(n: int, repeats: int) -> dict:
-    from consumer.feature_index import FeatureIndex, ProductMeta
+    from consumer.index.feature_index import FeatureIndex, ProductMeta
 
     rng = np.random.default_rng(n)
     index = FeatureIndex(DIM, "float32", initial_capacity=n)

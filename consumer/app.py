@@ -13,15 +13,15 @@ import sys
 import threading
 from pathlib import Path
 
-from consumer import log_summary
-from consumer.config import Role, Settings, load_settings, retired_variables
-from consumer.encoder import Encoder, TorchBackend
-from consumer.feature_index import FeatureIndex
-from consumer.health import HealthServer
-from consumer.model_builder import is_random_model
-from consumer.security import StartupError, log_effective_config, mongo_client
-from consumer.service import Service
-from consumer.supervisor import Policy
+from consumer.ops import log_summary
+from consumer.config.settings import Role, Settings, load_settings, retired_variables
+from consumer.encoder.encoder import Encoder
+from consumer.index.feature_index import FeatureIndex
+from consumer.ops.health import HealthServer
+from consumer.tools.model_builder import is_random_model
+from consumer.config.security import StartupError, log_effective_config, mongo_client
+from consumer.kafka.service import Service
+from consumer.ops.supervisor import Policy
 
 log = logging.getLogger("consumer")
 
@@ -61,13 +61,15 @@ def build_encoder(settings: Settings) -> Encoder:
     of different precisions are never mixed (switching re-encodes the catalog).
     """
     if settings.encoder_backend == "torch":
+        from consumer.encoder.torch_backend import TorchBackend
+
         return Encoder(
             TorchBackend(settings.clip_model, settings.torch_num_threads),
             model_id=settings.clip_model,
             random_weights=is_random_model(settings.clip_model),
         )
-    from consumer.onnx_backend import OnnxBackend
-    from consumer.onnx_export import export_in_subprocess, is_current
+    from consumer.encoder.onnx_backend import OnnxBackend
+    from consumer.tools.onnx_export import export_in_subprocess, is_current
 
     out = onnx_dir_for(settings)
     if not is_current(settings.clip_model, out, quantize=settings.onnx_quantize):
@@ -82,7 +84,7 @@ def build_store(settings: Settings):
     """The product store when ``MONGODB_URI`` is set, else None (pymongo is imported only then)."""
     if not settings.mongodb_uri:
         return None
-    from consumer.store import ProductStore
+    from consumer.store.product_store import ProductStore
 
     return ProductStore(mongo_client(settings), settings.mongodb_database, settings.mongodb_collection)
 

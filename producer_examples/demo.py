@@ -40,7 +40,7 @@ def resolve_model() -> str:
             return wanted
     except subprocess.TimeoutExpired:
         pass
-    from consumer.model_builder import build_random_clip
+    from consumer.tools.model_builder import build_random_clip
 
     tiny = build_random_clip(REPO / ".cache" / "models" / "tiny", size="tiny")
     bar = "!" * 78

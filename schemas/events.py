@@ -21,7 +21,7 @@ MAX_TOPIC_LENGTH = 249
 MAX_IMAGE_B64_LENGTH = 8 * 1024 * 1024
 
 DEFAULT_MAX_TOP_K = 100
-"""The service's default ``MAX_TOP_K`` (``consumer.config.Settings.max_top_k``), published as ``top_k``'s ``maximum``.
+"""The service's default ``MAX_TOP_K`` (``consumer.config.settings.Settings.max_top_k``), published as ``top_k``'s ``maximum``.
 
 The real limit is deployment configuration the schema cannot know. The exported schema states
 the default, and says so in ``top_k``'s description, rather than leaving ``top_k`` unbounded:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from consumer.app import build_encoder, build_service
-from consumer.config import Settings
-from consumer.model_builder import build_random_clip
+from consumer.config.settings import Settings
+from consumer.tools.model_builder import build_random_clip
 from devservices import TansuBroker, create_topics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from consumer.app import main
-from consumer.encoder import Encoder
+from consumer.encoder.encoder import Encoder
 
 POISON = os.environ["POISON_QUERY_TEXT"]
 _encode_text = Encoder.encode_text

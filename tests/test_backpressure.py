@@ -1,4 +1,4 @@
-from consumer.backpressure import MemoryGuard
+from consumer.pipeline.backpressure import MemoryGuard
 
 
 def test_guard_pauses_above_limit_and_resumes_below_low_water():

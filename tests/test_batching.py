@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.batching import collect_batch
+from consumer.pipeline.batching import collect_batch
 
 pytestmark = pytest.mark.asyncio
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from consumer.config import ConfigError, Role, load_settings
+from consumer.config.settings import ConfigError, Role, load_settings
 
 
 def test_defaults_keep_the_seed_names_and_meanings(monkeypatch):

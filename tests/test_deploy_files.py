@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumer.config import Settings
+from consumer.config.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"

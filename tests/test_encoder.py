@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from consumer.app import build_encoder, embedding_dim
-from consumer.config import Settings
-from consumer.images import clip_pixels
+from consumer.config.settings import Settings
+from consumer.encoder.images import clip_pixels
 from PIL import Image
 
 

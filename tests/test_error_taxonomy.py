@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord
 from PIL import Image
 
 from consumer.app import build_encoder, build_service
-from consumer.config import Settings
+from consumer.config.settings import Settings
 from devservices import create_topics
 from tests.conftest import running, wait_for
 from tests.kafka_tools import Tap, as_json, committed_offsets, read_topics, send_raw, wait_committed

@@ -33,8 +33,8 @@ import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.app import build_service
-from consumer.config import Settings
-from consumer.service import Service
+from consumer.config.settings import Settings
+from consumer.kafka.service import Service
 from devservices import MongoServer, NoidaBroker, TansuBroker, free_port
 from tests.conftest import REPO, create_stream_topics, running, topic_names, wait_for
 from tests.kafka_tools import Message, Tap, as_json, committed_offsets, read_topics, send_raw, wait_committed
@@ -446,7 +446,7 @@ def noida(tmp_path_factory):
         yield b
 
 
-ASSIGNED = "consumer.service: assigned partitions"
+ASSIGNED = "consumer.kafka.service: assigned partitions"
 
 
 class ServiceProcess:

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.ranking import Hit, Query, SearchFilter
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.index.ranking import Hit, Query, SearchFilter
 
 DIM = 16
 
@@ -317,7 +317,7 @@ def test_quantised_recall_at_10(dtype: str, clustered_corpus: tuple[np.ndarray, 
 
 
 def test_int8_kernel_is_exact_against_an_integer_reference():
-    from consumer.int8_kernel import QUERY_LEVELS, Int8Scorer, quantise_rows, to_offset_uint8
+    from consumer.index.int8_kernel import QUERY_LEVELS, Int8Scorer, quantise_rows, to_offset_uint8
 
     rng = np.random.default_rng(11)
     values = rng.integers(-127, 128, (300, 64)).astype(np.int8)

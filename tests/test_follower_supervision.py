@@ -15,12 +15,12 @@ import urllib.request
 
 import pytest
 
-from consumer import feature_follower
+from consumer.kafka import feature_follower
 from consumer.app import build_service, health_server, readiness
-from consumer.config import Role
-from consumer.feature_follower import FeatureFollower
-from consumer.feature_index import FeatureIndex
-from consumer.security import StartupError
+from consumer.config.settings import Role
+from consumer.kafka.feature_follower import FeatureFollower
+from consumer.index.feature_index import FeatureIndex
+from consumer.config.security import StartupError
 from devservices import free_port
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import running, wait_for
@@ -65,7 +65,7 @@ async def test_a_failed_follower_is_reported_restarted_from_its_offsets_and_reco
             assert await asyncio.to_thread(get_readyz, health.port) == (503, {"ready": False, "reason": reason})
             assert search.metrics.registry.get_sample_value("clip_search_ready") == 0
         assert search.metrics.registry.get_sample_value("clip_search_background_task_failures_total", {"task": "feature-follower"}) == 1
-        errors = [r for r in caplog.records if r.name == "consumer.supervisor" and r.levelno == logging.ERROR]
+        errors = [r for r in caplog.records if r.name == "consumer.ops.supervisor" and r.levelno == logging.ERROR]
         assert [(r.getMessage(), r.exc_info[0]) for r in errors] == [(reason, RuntimeError)]
 
         await wait_for(lambda: search.supervisor.reason is None, what="the follower to recover")

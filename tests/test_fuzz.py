@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from PIL import Image
 
 from consumer.app import build_service
-from consumer.config import Settings
-from consumer.handlers import reply_address
-from consumer.service import Service
+from consumer.config.settings import Settings
+from consumer.pipeline.handlers import reply_address
+from consumer.kafka.service import Service
 
 SEARCH_TOPIC = "fuzz-search-requests"
 PRODUCT_TOPIC = "fuzz-product-updated"

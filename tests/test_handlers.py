@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consumer.errors import InputError
-from consumer.feature_index import FeatureIndex
-from consumer.handlers import apply_feature_events, feature_event, parse_product, parse_search, product_text, reply_address
-from consumer.images import ImageLimits, pixels_from_base64
+from consumer.domain.errors import InputError
+from consumer.index.feature_index import FeatureIndex
+from consumer.pipeline.handlers import apply_feature_events, feature_event, parse_product, parse_search, product_text, reply_address
+from consumer.encoder.images import ImageLimits, pixels_from_base64
 from schemas import ProductFeature, ProductUpdated
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer import index_snapshot
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.index_snapshot import SnapshotError, SnapshotFile
-from consumer.ranking import Query, SearchFilter
+from consumer.index import snapshot as index_snapshot
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.index.snapshot import SnapshotError, SnapshotFile
+from consumer.index.ranking import Query, SearchFilter
 
 DIM = 16
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from consumer import log_summary
-from consumer.log_summary import RepeatSummary
+from consumer.ops import log_summary
+from consumer.ops.log_summary import RepeatSummary
 
 
 class Clock:
@@ -57,8 +57,8 @@ def test_kinds_are_logger_level_and_template_and_other_loggers_pass_untouched():
         record("aiokafka.conn", "Connection at %s closed", "d", level=logging.WARNING),
         record("aiokafka.conn", "Unable to update metadata from %s", [1]),
         record("aiokafkaesque", "Connection at %s closed", "e"),
-        record("consumer.service", "could not %s", "connect"),
-        record("consumer.service", "could not %s", "connect"),
+        record("consumer.kafka.service", "could not %s", "connect"),
+        record("consumer.kafka.service", "could not %s", "connect"),
     ]
     assert passed(summary, *records) == [
         "Connection at a closed",

@@ -14,17 +14,17 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from consumer import memory
-from consumer.health import HealthServer
-from consumer.metrics import ServiceMetrics
-from consumer.transport import Outbound
+from consumer.ops import memory
+from consumer.ops.health import HealthServer
+from consumer.ops.metrics import ServiceMetrics
+from consumer.kafka.transport import Outbound
 from producer_examples.client import publish
 
 MiB = 1 << 20
 
 
 def proc_status_bytes() -> dict[str, int]:
-    """VmRSS, RssAnon, VmHWM straight from /proc/self/status (independent of consumer.memory)."""
+    """VmRSS, RssAnon, VmHWM straight from /proc/self/status (independent of consumer.ops.memory)."""
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, value = line.split(":", 1)
@@ -149,7 +149,7 @@ class FakeEncoder:
 
 
 def test_model_and_index_gauges_read_the_live_objects():
-    from consumer.feature_index import FeatureIndex, ProductMeta
+    from consumer.index.feature_index import FeatureIndex, ProductMeta
 
     index = FeatureIndex(dim=8, initial_capacity=4)
     m = metrics(encoder=FakeEncoder(), index=index)

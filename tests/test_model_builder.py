@@ -1,4 +1,4 @@
-"""Tests for ``consumer.model_builder``: a random-weights CLIP dir that loads like a real checkpoint."""
+"""Tests for ``consumer.tools.model_builder``: a random-weights CLIP dir that loads like a real checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from consumer.model_builder import (
+from consumer.tools.model_builder import (
     MARKER_FILE,
     REQUIRED_FILES,
     VOCAB_SIZE,

@@ -1,4 +1,4 @@
-"""Tests for ``consumer.onnx_export`` and ``consumer.onnx_backend`` on the tiny random CLIP."""
+"""Tests for ``consumer.tools.onnx_export`` and ``consumer.encoder.onnx_backend`` on the tiny random CLIP."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consumer.encoder import Encoder, TorchBackend
-from consumer.images import clip_pixels
-from consumer.model_builder import MARKER_FILE, is_random_model
-from consumer.onnx_backend import OnnxBackend, embedding_dim
-from consumer.onnx_export import (
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.torch_backend import TorchBackend
+from consumer.encoder.images import clip_pixels
+from consumer.tools.model_builder import MARKER_FILE, is_random_model
+from consumer.encoder.onnx_backend import OnnxBackend, embedding_dim
+from consumer.tools.onnx_export import (
     INT8_OPTIONS,
     MANIFEST_FILE,
     export_in_subprocess,
@@ -175,8 +176,8 @@ def test_serving_path_never_imports_torch(exports: dict[str, Path]) -> None:
         f"""
         import sys
         import numpy as np
-        from consumer.encoder import Encoder
-        from consumer.onnx_backend import OnnxBackend, embedding_dim
+        from consumer.encoder.encoder import Encoder
+        from consumer.encoder.onnx_backend import OnnxBackend, embedding_dim
         encoder = Encoder(OnnxBackend({str(exports["int8"])!r}, threads=1), "tiny")
         assert encoder.encode_text(["a photo of a cat", "dog"]).shape == (2, embedding_dim({str(exports["int8"])!r}))
         assert encoder.encode_images(np.zeros((2, 3, 224, 224), dtype=np.float32)).shape == (2, 32)
@@ -198,7 +199,7 @@ def test_export_in_subprocess(tiny_model: str, tmp_path: Path) -> None:
 
 def test_cli_rejects_unknown_tower(tiny_model: str, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "consumer.onnx_export", "--model", tiny_model, "--out", str(tmp_path / "x"), "--towers", "audio"],
+        [sys.executable, "-m", "consumer.tools.onnx_export", "--model", tiny_model, "--out", str(tmp_path / "x"), "--towers", "audio"],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
     )
     assert proc.returncode == 2 and "towers" in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer import memory
+from consumer.ops import memory
 from consumer.app import health_server
 from devservices import free_port
 from devservices.prometheus import PrometheusServer, prometheus_binary, promtool_binary

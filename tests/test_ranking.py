@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ranking import Hit, Query, RunningTopK, SearchFilter, filter_mask
+from consumer.index.ranking import Hit, Query, RunningTopK, SearchFilter, filter_mask
 
 
 def reference_topk(

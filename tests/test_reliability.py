@@ -1,4 +1,4 @@
-from consumer.reliability import ReplyCache
+from consumer.pipeline.reply_cache import ReplyCache
 
 
 def test_reply_cache_is_bounded_and_expires():
@@ -14,7 +14,7 @@ def test_reply_cache_is_bounded_and_expires():
 
 
 def test_retry_delay_doubles_per_consecutive_failure_up_to_the_cap():
-    from consumer.service import retry_delay
+    from consumer.kafka.service import retry_delay
 
     assert [retry_delay(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
     assert retry_delay(1, 5.0, 1.0) == 5.0, "a cap below the base never shortens the first pause"

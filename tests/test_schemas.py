@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from pydantic import ValidationError
 
-from consumer.config import Settings
-from consumer.errors import InputError
-from consumer.handlers import parse_product, parse_search
+from consumer.config.settings import Settings
+from consumer.domain.errors import InputError
+from consumer.pipeline.handlers import parse_product, parse_search
 from schemas import EXPORTED_MODELS, SCHEMA_VERSION, ProductUpdated, SearchRequest
 from schemas.events import DATE_TIME_PATTERN, DEFAULT_MAX_TOP_K, JSON_SCHEMA_DIALECT, NON_BLANK_PATTERN
 from schemas.export import JSON_DIR, rendered

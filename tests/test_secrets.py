@@ -13,9 +13,9 @@ from prometheus_client import REGISTRY, generate_latest
 from pydantic import ValidationError
 
 from consumer import app
-from consumer.config import ConfigError, Settings, load_settings
-from consumer.security import StartupError, start_kafka_client
-from consumer.transport import Outbound, make_producer, publish_all
+from consumer.config.settings import ConfigError, Settings, load_settings
+from consumer.config.security import StartupError, start_kafka_client
+from consumer.kafka.transport import Outbound, make_producer, publish_all
 from devservices import free_port
 from tests.conftest import topic_names, wait_for
 from tests.tls_services import (  # noqa: F401 - fixtures

@@ -13,9 +13,9 @@ from aiokafka.structs import ConsumerRecord
 from pymongo import AsyncMongoClient
 
 from consumer.app import build_service
-from consumer.config import ConfigError, Settings, load_settings
-from consumer.security import kafka_security_options, mongo_client, mongo_client_options, redact_uri
-from consumer.transport import client_options, make_consumer, make_producer
+from consumer.config.settings import ConfigError, Settings, load_settings
+from consumer.config.security import kafka_security_options, mongo_client, mongo_client_options, redact_uri
+from consumer.kafka.transport import client_options, make_consumer, make_producer
 from devservices.certs import CertificateAuthority
 
 PASSWORD = "pw-Xy7-not-in-output"

@@ -12,10 +12,10 @@ import asyncio
 import numpy as np
 
 from consumer.app import build_service, readiness
-from consumer.config import Role
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.index_snapshot import SnapshotFile
-from consumer.ranking import Query
+from consumer.config.settings import Role
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.index.snapshot import SnapshotFile
+from consumer.index.ranking import Query
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import running
 from tests.kafka_tools import read_topic_records

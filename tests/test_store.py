@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pymongo import AsyncMongoClient
 
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.ranking import Query, SearchFilter
-from consumer.store import ProductStore
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.index.ranking import Query, SearchFilter
+from consumer.store.product_store import ProductStore
 from devservices import MongoServer
 
 MODEL = "clip-test"

@@ -9,7 +9,7 @@ import random
 from contextlib import AsyncExitStack
 
 from consumer.app import build_encoder, build_service
-from consumer.config import Role
+from consumer.config.settings import Role
 from producer_examples.client import SearchClient, load_catalog, product_text, publish
 from tests.conftest import running, wait_for
 from tests.kafka_tools import read_topic_records
@@ -130,7 +130,7 @@ async def test_products_stored_by_another_model_are_reencoded_not_mixed_in(setti
 
     import numpy as np
 
-    from consumer.feature_index import ProductMeta
+    from consumer.index.feature_index import ProductMeta
 
     settings = settings_for(**store_settings)
     service = build_service(settings)

@@ -8,9 +8,9 @@ import logging
 from prometheus_client import CollectorRegistry, Counter
 
 from consumer.app import build_service, readiness
-from consumer.config import Settings
-from consumer.health import HealthServer
-from consumer.supervisor import EXIT_TASK_FAILED, Policy, Supervisor
+from consumer.config.settings import Settings
+from consumer.ops.health import HealthServer
+from consumer.ops.supervisor import EXIT_TASK_FAILED, Policy, Supervisor
 from tests.conftest import wait_for
 
 FAILURES = "clip_search_background_task_failures_total"
@@ -22,7 +22,7 @@ def failure_counter() -> tuple[CollectorRegistry, Counter]:
 
 
 def supervisor_errors(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "consumer.supervisor" and r.levelno >= logging.ERROR]
+    return [r for r in caplog.records if r.name == "consumer.ops.supervisor" and r.levelno >= logging.ERROR]
 
 
 async def test_a_task_under_the_exit_policy_that_dies_requests_a_stop_with_its_exit_code(caplog):

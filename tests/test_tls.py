@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from consumer.app import build_service
-from consumer.config import Settings
-from consumer.security import StartupError, check_mongo, kafka_security_options, mongo_client, start_kafka_client
-from consumer.transport import Outbound, client_options, make_producer, publish_all
+from consumer.config.settings import Settings
+from consumer.config.security import StartupError, check_mongo, kafka_security_options, mongo_client, start_kafka_client
+from consumer.kafka.transport import Outbound, client_options, make_producer, publish_all
 from devservices import free_port
 from tests.conftest import running, topic_names, wait_for
 from tests.tls_services import (  # noqa: F401 - fixtures

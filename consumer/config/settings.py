@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumer.security import SecuritySettings
+from consumer.config.security import SecuritySettings
 
 
 class Role(str, Enum):

@@ -12,8 +12,8 @@ from typing import Literal
 
 import numpy as np
 
-from consumer.int8_kernel import Int8Scorer, to_offset_uint8
-from consumer.ranking import Hit, Query, RunningTopK, filter_mask
+from consumer.index.int8_kernel import Int8Scorer, to_offset_uint8
+from consumer.index.ranking import Hit, Query, RunningTopK, filter_mask
 
 __all__ = ["FeatureIndex", "IndexState", "ProductMeta", "StorageDType", "UpsertReport"]
 
@@ -79,7 +79,7 @@ class FeatureIndex:
 
     Vectors are stored L2-normalised as float32, float16 (plain cast) or int8
     (symmetric per-vector scale = max|v| / 127, held as uint8 = int8 + 128 and scored
-    against per-row int8-quantised queries by ``consumer.int8_kernel``). Scores are dot products of the
+    against per-row int8-quantised queries by ``consumer.index.int8_kernel``). Scores are dot products of the
     (assumed normalised) queries with the stored vectors, i.e. cosine similarity
     up to quantisation error. Versions are monotonic per product id: an upsert or
     delete whose version is not newer than what the index has seen is ignored.

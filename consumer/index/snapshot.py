@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.feature_index import FeatureIndex, IndexState
+from consumer.index.feature_index import FeatureIndex, IndexState
 
 __all__ = ["FORMAT_VERSION", "Snapshot", "SnapshotError", "SnapshotFile"]
 

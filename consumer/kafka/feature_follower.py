@@ -6,7 +6,7 @@ offsets of the index snapshot when ``INDEX_SNAPSHOT_DIR`` holds a usable one, el
 beginning; ``catch_up`` returns once every partition is read up to the high watermark the
 broker reports; ``run_in_background`` then keeps following and writes a snapshot every
 ``INDEX_SNAPSHOT_INTERVAL_S`` while the index changes, as two supervised tasks (see
-``consumer.supervisor``); ``stop`` writes a last one.
+``consumer.ops.supervisor``); ``stop`` writes a last one.
 
 A snapshot whose offsets the topic no longer has (recreated or truncated) is discarded and
 the whole topic is read again: the broker either reports the offset out of range or
@@ -25,15 +25,15 @@ from aiokafka import TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
-from consumer.config import Settings
-from consumer.feature_index import FeatureIndex
-from consumer.handlers import apply_feature_events
-from consumer.index_snapshot import SnapshotError, SnapshotFile
-from consumer.memory import release_memory
-from consumer.metrics import ServiceMetrics
-from consumer.security import StartupError, start_kafka_client
-from consumer.supervisor import Policy, Supervisor
-from consumer.transport import make_consumer
+from consumer.config.settings import Settings
+from consumer.index.feature_index import FeatureIndex
+from consumer.pipeline.handlers import apply_feature_events
+from consumer.index.snapshot import SnapshotError, SnapshotFile
+from consumer.ops.memory import release_memory
+from consumer.ops.metrics import ServiceMetrics
+from consumer.config.security import StartupError, start_kafka_client
+from consumer.ops.supervisor import Policy, Supervisor
+from consumer.kafka.transport import make_consumer
 from schemas import ProductFeature
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m consumer.model_builder --out DIR --size tiny|vit-b-32 [--seed N] [--force]
+    python -m consumer.tools.model_builder --out DIR --size tiny|vit-b-32 [--seed N] [--force]
 
 The directory holds ``config.json`` + ``model.safetensors`` (a ``CLIPModel``), the real
 CLIP BPE tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``,
@@ -304,7 +304,7 @@ def _dir_size(directory: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints the output directory, build time and size."""
-    parser = argparse.ArgumentParser(prog="python -m consumer.model_builder", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m consumer.tools.model_builder", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
-"""ONNX Runtime backend for ``consumer.encoder.Encoder``; never imports torch or transformers.
+"""ONNX Runtime backend for ``consumer.encoder.encoder.Encoder``; never imports torch or transformers.
 
-Reads a directory written by ``consumer.onnx_export``. For each tower it loads ``<tower>.ort``
+Reads a directory written by ``consumer.tools.onnx_export``. For each tower it loads ``<tower>.ort``
 memory-mapped (weights stay in file-backed, shareable pages; no load-time copy) when that file
 exists and was written by the running onnxruntime version, else ``<tower>.onnx``. Inputs are run
 in chunks of at most ``max_batch`` rows, which bounds the activation memory of one call.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-from consumer.memory import rss_bytes
+from consumer.ops.memory import rss_bytes
 
 
 class MemoryGuard:

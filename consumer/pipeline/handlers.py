@@ -20,8 +20,8 @@ import numpy as np
 import pybase64
 from pydantic import ValidationError
 
-from consumer.encoder import Encoder
-from consumer.errors import (
+from consumer.encoder.encoder import Encoder
+from consumer.domain.errors import (
     DeadlineExpired,
     InputError,
     InvalidJson,
@@ -29,9 +29,9 @@ from consumer.errors import (
     SchemaViolation,
     UnsupportedSchemaVersion,
 )
-from consumer.feature_index import FeatureIndex, ProductMeta
-from consumer.images import ImageLimits, pixels_from_base64
-from consumer.ranking import Hit, Query, SearchFilter
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.encoder.images import ImageLimits, pixels_from_base64
+from consumer.index.ranking import Hit, Query, SearchFilter
 from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductFeature, ProductUpdated, ResultItem, SearchRequest, SearchResult, Timings
 
 log = logging.getLogger(__name__)

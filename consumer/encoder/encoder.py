@@ -93,7 +93,7 @@ class Encoder:
         return l2_normalise(self._tower("text").encode(texts))
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """``pixels``: float32 [n, 3, H, W] from ``consumer.images.clip_pixels``."""
+        """``pixels``: float32 [n, 3, H, W] from ``consumer.encoder.images.clip_pixels``."""
         if len(pixels) == 0:
             return np.zeros((0, 0), dtype=np.float32)
         return l2_normalise(self._tower("vision").encode(pixels))
@@ -121,60 +121,3 @@ class Encoder:
     @property
     def tower_bytes(self) -> dict[str, int]:
         return {name: (slot.tower.nbytes if slot.tower is not None else 0) for name, slot in self._slots.items()}
-
-
-def _import_torch(threads: int | None):
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if threads:
-        torch.set_num_threads(threads)
-    return torch
-
-
-class _TorchText:
-    def __init__(self, model_dir: str, threads: int | None) -> None:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
-
-        self._torch = _import_torch(threads)
-        self.tokenizer = CLIPTokenizerFast.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
-        self.model = CLIPTextModelWithProjection.from_pretrained(model_dir).eval()  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
-        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        with self._torch.inference_mode():
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.text_embeds.float().numpy()
-
-
-class _TorchVision:
-    def __init__(self, model_dir: str, threads: int | None) -> None:
-        from transformers import CLIPVisionModelWithProjection
-
-        self._torch = _import_torch(threads)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
-        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            out = self.model(pixel_values=self._torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return out.image_embeds.float().numpy()
-
-
-class TorchBackend:
-    """transformers + torch, fp32; ``model`` is a hub id or a local directory (``HF_HUB_OFFLINE`` honoured)."""
-
-    name = "torch"
-
-    def __init__(self, model: str, threads: int | None = None) -> None:
-        self.model = model
-        self.threads = threads
-
-    def load_text(self) -> Tower:
-        return _TorchText(self.model, self.threads)
-
-    def load_vision(self) -> Tower:
-        return _TorchVision(self.model, self.threads)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m consumer.onnx_export --model DIR_OR_HUB_ID --out DIR [--towers text,vision] [--quantize int8|none]
+    python -m consumer.tools.onnx_export --model DIR_OR_HUB_ID --out DIR [--towers text,vision] [--quantize int8|none]
 
 The output directory holds ``text.onnx`` (inputs ``input_ids``, ``attention_mask``: int64
 [batch, sequence]; output ``text_embeds``: float32 [batch, projection_dim]), ``vision.onnx``
@@ -370,10 +370,10 @@ def export_in_subprocess(
     if is_current(model_dir, out, wanted, quantize):
         return out
     cmd = [
-        sys.executable, "-m", "consumer.onnx_export",
+        sys.executable, "-m", "consumer.tools.onnx_export",
         "--model", model_dir, "--out", str(out), "--towers", ",".join(wanted), "--quantize", quantize,
     ]
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
@@ -388,7 +388,7 @@ def export_in_subprocess(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints the output directory, tower file sizes and the time taken."""
-    parser = argparse.ArgumentParser(prog="python -m consumer.onnx_export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m consumer.tools.onnx_export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model directory or hub id")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--towers", default=",".join(TOWERS), help="comma-separated subset of text,vision")

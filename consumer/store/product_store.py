@@ -37,8 +37,8 @@ from pymongo import AsyncMongoClient, IndexModel, UpdateOne, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from consumer.feature_index import ProductMeta
-from consumer.ranking import Hit, Query, RunningTopK, SearchFilter, filter_mask
+from consumer.index.feature_index import ProductMeta
+from consumer.index.ranking import Hit, Query, RunningTopK, SearchFilter, filter_mask
 
 __all__ = ["FEATURE_DTYPE", "ProductStore"]
 

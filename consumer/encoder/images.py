@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from consumer.errors import ImageTooLarge, InvalidBase64, InvalidImage
+from consumer.domain.errors import ImageTooLarge, InvalidBase64, InvalidImage
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

@@ -21,8 +21,8 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from consumer.config import Settings
-from consumer.security import kafka_security_options
+from consumer.config.settings import Settings
+from consumer.config.security import kafka_security_options
 
 
 @dataclass(frozen=True)

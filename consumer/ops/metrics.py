@@ -25,16 +25,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from consumer import memory
-from consumer.errors import owner_of
+from consumer.ops import memory
+from consumer.domain.errors import owner_of
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import ConsumerRecord
 
-    from consumer.encoder import Encoder
-    from consumer.feature_index import FeatureIndex
-    from consumer.transport import Outbound
+    from consumer.encoder.encoder import Encoder
+    from consumer.index.feature_index import FeatureIndex
+    from consumer.kafka.transport import Outbound
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from consumer.batching import collect_batch
-from consumer.config import Role, Settings
-from consumer.encoder import Encoder
-from consumer.errors import InputError, ReplyTopicNotAllowed, ReplyUndeliverable, ServiceFailure, is_dependency_outage
-from consumer.feature_follower import FeatureFollower
-from consumer.feature_index import FeatureIndex
-from consumer.handlers import (
+from consumer.pipeline.batching import collect_batch
+from consumer.config.settings import Role, Settings
+from consumer.encoder.encoder import Encoder
+from consumer.domain.errors import InputError, ReplyTopicNotAllowed, ReplyUndeliverable, ServiceFailure, is_dependency_outage
+from consumer.kafka.feature_follower import FeatureFollower
+from consumer.index.feature_index import FeatureIndex
+from consumer.pipeline.handlers import (
     IndexRanker,
     PendingSearch,
     ProductHandler,
@@ -45,14 +45,14 @@ from consumer.handlers import (
     parse_search,
     reply_address,
 )
-from consumer.images import ImageLimits
-from consumer.metrics import ServiceMetrics
-from consumer.backpressure import MemoryGuard
-from consumer.memory import release_memory
-from consumer.reliability import ReplyCache
-from consumer.security import MongoUnreachable, check_mongo, start_kafka_client
-from consumer.supervisor import Supervisor
-from consumer.transport import REFUSED_TOPIC, TOO_LARGE, Outbound, make_consumer, make_producer, publish_all, publish_each
+from consumer.encoder.images import ImageLimits
+from consumer.ops.metrics import ServiceMetrics
+from consumer.pipeline.backpressure import MemoryGuard
+from consumer.ops.memory import release_memory
+from consumer.pipeline.reply_cache import ReplyCache
+from consumer.config.security import MongoUnreachable, check_mongo, start_kafka_client
+from consumer.ops.supervisor import Supervisor
+from consumer.kafka.transport import REFUSED_TOPIC, TOO_LARGE, Outbound, make_consumer, make_producer, publish_all, publish_each
 from schemas import ErrorReply, ProductUpdated, SearchResult
 
 log = logging.getLogger(__name__)

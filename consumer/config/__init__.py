@@ -1,0 +1,1 @@
+"""Typed settings: the service's own and its security settings."""

@@ -1,0 +1,1 @@
+"""What the service is about, with no I/O: the error tree and its wire codes."""

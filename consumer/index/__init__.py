@@ -1,0 +1,1 @@
+"""The in-memory feature index: storage, ranking, the int8 kernel, snapshots."""

@@ -1,0 +1,1 @@
+"""Operations: metrics, health endpoints, memory readings, background-task supervision, log summaries."""
