@@ -46,15 +46,37 @@ ADJECTIVES = (
     " oversized soft heavy-duty linen"
 ).split()
 ITEMS = [
-    "running shoes", "rain jacket", "desk lamp", "office chair", "hiking backpack", "smart watch",
-    "noise cancelling headphones", "electric kettle", "coffee mug", "corner sofa", "standing desk", "wool blanket",
-    "canvas sneakers", "summer dress", "mirrorless camera", "water bottle", "camping tent", "chef knife",
-    "memory foam pillow", "bluetooth speaker",
+    "running shoes",
+    "rain jacket",
+    "desk lamp",
+    "office chair",
+    "hiking backpack",
+    "smart watch",
+    "noise cancelling headphones",
+    "electric kettle",
+    "coffee mug",
+    "corner sofa",
+    "standing desk",
+    "wool blanket",
+    "canvas sneakers",
+    "summer dress",
+    "mirrorless camera",
+    "water bottle",
+    "camping tent",
+    "chef knife",
+    "memory foam pillow",
+    "bluetooth speaker",
 ]
 AUDIENCES = ["men", "women", "kids", "travel", "the office", "the kitchen", "outdoor use", "gaming", "winter"]
 DETAILS = [
-    "with free shipping", "in three sizes", "made from recycled materials", "with a two year warranty",
-    "machine washable", "for everyday use", "with adjustable straps", "limited edition",
+    "with free shipping",
+    "in three sizes",
+    "made from recycled materials",
+    "with a two year warranty",
+    "machine washable",
+    "for everyday use",
+    "with adjustable straps",
+    "limited edition",
 ]
 
 TEXT, VISION = {"tower": "text"}, {"tower": "vision"}
@@ -143,8 +165,7 @@ def timed(fn, reps: int) -> dict[str, float]:
         cpu.append(time.thread_time() - start_cpu)
         wall.append(time.perf_counter() - start)
     ms = lambda xs, f: round(1000 * float(f(xs)), 1)  # noqa: E731
-    return {"median_ms": ms(wall, np.median), "min_ms": ms(wall, min),
-            "cpu_median_ms": ms(cpu, np.median), "cpu_min_ms": ms(cpu, min)}
+    return {"median_ms": ms(wall, np.median), "min_ms": ms(wall, min), "cpu_median_ms": ms(cpu, np.median), "cpu_min_ms": ms(cpu, min)}
 
 
 def worker(cfg: dict, threads: int, out_npz: str, n_products: int) -> dict:
@@ -190,7 +211,9 @@ def ensure_artifacts() -> None:
     from consumer.tools.onnx_export import export_in_subprocess, is_current
 
     if not (MODEL_DIR / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "consumer.tools.model_builder", "--out", str(MODEL_DIR), "--size", "vit-b-32"], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, "-m", "consumer.tools.model_builder", "--out", str(MODEL_DIR), "--size", "vit-b-32"], check=True, cwd=REPO
+        )
     build_random_clip(MODEL_DIR, size="vit-b-32")
     for quantize, out in ONNX_DIRS.items():
         if not is_current(str(MODEL_DIR), out, quantize=quantize):
@@ -261,8 +284,18 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="onnx-levers-") as tmp:
         for i, cfg in enumerate(CONFIGS):
-            cmd = [sys.executable, __file__, "--worker", str(i), "--threads", str(args.threads),
-                   "--products", str(args.products), "--npz", str(Path(tmp) / f"{i}.npz")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(i),
+                "--threads",
+                str(args.threads),
+                "--products",
+                str(args.products),
+                "--npz",
+                str(Path(tmp) / f"{i}.npz"),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{cfg['tower']} {cfg['label']} failed:\n{proc.stderr[-3000:]}")

@@ -105,8 +105,19 @@ class RssSampler:
 
 def loadgen(bootstrap: str, scenario: str, mode: str, **kw) -> dict:
     topics = scenario_topics(scenario)
-    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--bootstrap", bootstrap, "--topic", topics["SEARCH_REQUESTS_TOPIC"],
-           "--reply-topic", topics["REPLY_TOPIC"], "--mode", mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.loadgen",
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topics["SEARCH_REQUESTS_TOPIC"],
+        "--reply-topic",
+        topics["REPLY_TOPIC"],
+        "--mode",
+        mode,
+    ]
     for key, value in kw.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
@@ -146,7 +157,9 @@ class ServiceProcess:
         self.port = int(env.get("METRICS_PORT", "0"))
         self.log = open(log_path, "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", module], env=os.environ | env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module], env=os.environ | env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.rss = RssSampler(self.proc.pid)
 
     def stop(self) -> None:
@@ -177,7 +190,9 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
         pending = []
         for i in range(n):
             f = fields(i)
-            event = ProductFeature(model_id=model_id, dim=feats.shape[1], feature_b64=base64.b64encode(feats[i].astype("<f2").tobytes()).decode(), **f)
+            event = ProductFeature(
+                model_id=model_id, dim=feats.shape[1], feature_b64=base64.b64encode(feats[i].astype("<f2").tobytes()).decode(), **f
+            )
             pending.append(await producer.send(TOPICS["FEATURES_TOPIC"], event.model_dump_json().encode(), key=f["product_id"].encode()))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
@@ -255,19 +270,23 @@ print(json.dumps({{"query_mean_cosine_int8_vs_fp32": cos, "query_recall_at_10_in
 
 def service_env(bootstrap: str, model_dir: str, scenario: str, **extra: str) -> dict[str, str]:
     group = f"bench-{scenario}"
-    return scenario_topics(scenario) | {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "CLIP_MODEL": model_dir,
-        "MODEL_CACHE_DIR": str(CACHE),
-        "CONSUMER_GROUP_ID": group,
-        "KAFKA_SESSION_TIMEOUT_MS": "1500",
-        "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
-        "METRICS_HOST": "127.0.0.1",
-        "METRICS_PORT": str(free_port()),
-        "TORCH_NUM_THREADS": "2",
-        "MALLOC_ARENA_MAX": "2",
-        "LOG_LEVEL": "WARNING",
-    } | extra
+    return (
+        scenario_topics(scenario)
+        | {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "CLIP_MODEL": model_dir,
+            "MODEL_CACHE_DIR": str(CACHE),
+            "CONSUMER_GROUP_ID": group,
+            "KAFKA_SESSION_TIMEOUT_MS": "1500",
+            "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(free_port()),
+            "TORCH_NUM_THREADS": "2",
+            "MALLOC_ARENA_MAX": "2",
+            "LOG_LEVEL": "WARNING",
+        }
+        | extra
+    )
 
 
 def main() -> int:
@@ -286,7 +305,9 @@ def main() -> int:
     report: dict = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "products": n, "phase_s": phase, "image_updates": images,
+        "products": n,
+        "phase_s": phase,
+        "image_updates": images,
     }
 
     t = time.monotonic()
@@ -315,8 +336,16 @@ def main() -> int:
 
         # 1. ROLE=search: text tower only, int8 features followed from the compacted topic. The first
         #    start reads the whole topic and writes an index snapshot at shutdown; the restart loads it.
-        search_env = service_env(bootstrap, model_dir, "search", ROLE="search", FEATURE_DTYPE="int8", MAX_BATCH_SIZE="32",
-                                 MAX_BATCH_WAIT_MS="5", INDEX_SNAPSHOT_DIR=snapshot_dir)
+        search_env = service_env(
+            bootstrap,
+            model_dir,
+            "search",
+            ROLE="search",
+            FEATURE_DTYPE="int8",
+            MAX_BATCH_SIZE="32",
+            MAX_BATCH_WAIT_MS="5",
+            INDEX_SNAPSHOT_DIR=snapshot_dir,
+        )
         svc = ServiceProcess(search_env, logs / "search.log")
         try:
             cold_ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
@@ -338,18 +367,35 @@ def main() -> int:
         finally:
             restart.stop()
         report["search"] = {
-            "start_to_consuming_s": round(ready, 2), "cold_start_to_consuming_s": round(cold_ready, 2),
-            "indexed_products": indexed, "indexed_after_restart": restart_indexed,
-            "first_search_ms": first["p50_ms"], "first_search_after_restart_ms": restart_first["p50_ms"],
-            "closed_loop": closed, "open_loop_20rps": opened,
-            "peak": svc.rss.peak(), "peak_under_load": svc.rss.peak(since="closed", until="stopping"),
+            "start_to_consuming_s": round(ready, 2),
+            "cold_start_to_consuming_s": round(cold_ready, 2),
+            "indexed_products": indexed,
+            "indexed_after_restart": restart_indexed,
+            "first_search_ms": first["p50_ms"],
+            "first_search_after_restart_ms": restart_first["p50_ms"],
+            "closed_loop": closed,
+            "open_loop_20rps": opened,
+            "peak": svc.rss.peak(),
+            "peak_under_load": svc.rss.peak(since="closed", until="stopping"),
             "peak_restart": restart.rss.peak(),
         }
         print(f"search role: {json.dumps(report['search'])}", flush=True)
 
         # 2. ROLE=all: store-filled int8 cache, searches at 20/s during a burst of image updates.
-        svc = ServiceProcess(service_env(bootstrap, model_dir, "all", ROLE="all", FEATURE_DTYPE="int8", MAX_BATCH_SIZE="32",
-                                         MAX_BATCH_WAIT_MS="5", MONGODB_URI=mongo.uri, MONGODB_DATABASE="bench"), logs / "all.log")
+        svc = ServiceProcess(
+            service_env(
+                bootstrap,
+                model_dir,
+                "all",
+                ROLE="all",
+                FEATURE_DTYPE="int8",
+                MAX_BATCH_SIZE="32",
+                MAX_BATCH_WAIT_MS="5",
+                MONGODB_URI=mongo.uri,
+                MONGODB_DATABASE="bench",
+            ),
+            logs / "all.log",
+        )
         try:
             ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
             svc.rss.mark("ready")
@@ -374,14 +420,17 @@ def main() -> int:
         finally:
             svc.stop()
         report["all"] = {
-            "start_to_consuming_s": round(ready, 2), "open_loop_20rps_during_burst": opened_all,
+            "start_to_consuming_s": round(ready, 2),
+            "open_loop_20rps_during_burst": opened_all,
             "image_updates_per_s": round(images / result["burst_s"], 1) if done.is_set() else None,
             "peak": svc.rss.peak(),
         }
         print(f"all role: {json.dumps(report['all'])}", flush=True)
 
         # 3. Seed-style baseline through the same broker.
-        svc = ServiceProcess(service_env(bootstrap, model_dir, "seed", BENCH_PRODUCTS=str(n)), logs / "seed.log", module="benchmarks.seed_baseline")
+        svc = ServiceProcess(
+            service_env(bootstrap, model_dir, "seed", BENCH_PRODUCTS=str(n)), logs / "seed.log", module="benchmarks.seed_baseline"
+        )
         try:
             t0 = time.monotonic()
             while "consuming" not in (logs / "seed.log").read_text():
@@ -396,8 +445,11 @@ def main() -> int:
         finally:
             svc.stop()
         report["seed_baseline"] = {
-            "start_to_consuming_s": round(seed_ready, 2), "first_search_ms": seed_first["p50_ms"],
-            "closed_loop": seed_closed, "open_loop_20rps": seed_open, "peak": svc.rss.peak(),
+            "start_to_consuming_s": round(seed_ready, 2),
+            "first_search_ms": seed_first["p50_ms"],
+            "closed_loop": seed_closed,
+            "open_loop_20rps": seed_open,
+            "peak": svc.rss.peak(),
         }
         print(f"seed baseline: {json.dumps(report['seed_baseline'])}", flush=True)
 
@@ -419,8 +471,20 @@ def table(r: dict) -> list[dict]:
         ("latency p50 at 20 req/s (ms)", s["open_loop_20rps"]["p50_ms"], "<= 50", b["open_loop_20rps"]["p50_ms"], lambda v: v <= 50),
         ("latency p99 at 20 req/s (ms)", s["open_loop_20rps"]["p99_ms"], "<= 200", b["open_loop_20rps"]["p99_ms"], lambda v: v <= 200),
         ("process start -> consuming, from a snapshot (s)", s["start_to_consuming_s"], "<= 2", b["start_to_consuming_s"], lambda v: v <= 2),
-        ("  same, first replica, no snapshot anywhere (s)", s["cold_start_to_consuming_s"], "<= 2", b["start_to_consuming_s"], lambda v: v <= 2),
-        ("first search incl. model load (ms)", max(s["first_search_ms"], s["first_search_after_restart_ms"]), "<= 3000", b["first_search_ms"], lambda v: v <= 3000),
+        (
+            "  same, first replica, no snapshot anywhere (s)",
+            s["cold_start_to_consuming_s"],
+            "<= 2",
+            b["start_to_consuming_s"],
+            lambda v: v <= 2,
+        ),
+        (
+            "first search incl. model load (ms)",
+            max(s["first_search_ms"], s["first_search_after_restart_ms"]),
+            "<= 3000",
+            b["first_search_ms"],
+            lambda v: v <= 3000,
+        ),
         ("product updates with a 224 px image (/s)", a["image_updates_per_s"], ">= 10", None, lambda v: v is not None and v >= 10),
         ("query embedding mean cosine, int8 vs fp32", round(f["query_mean_cosine_int8_vs_fp32"], 4), ">= 0.99", None, lambda v: v >= 0.99),
         ("recall@10, int8 queries vs fp32", round(f["query_recall_at_10_int8_vs_fp32"], 3), ">= 0.95", None, lambda v: v >= 0.95),
@@ -431,8 +495,16 @@ def table(r: dict) -> list[dict]:
         ratio = None
         if value and baseline:
             ratio = round(value / baseline, 2)
-        out.append({"figure": name, "measured": value, "target": target, "seed_baseline": baseline, "ratio": ratio,
-                    "met": bool(value is not None and ok(value))})
+        out.append(
+            {
+                "figure": name,
+                "measured": value,
+                "target": target,
+                "seed_baseline": baseline,
+                "ratio": ratio,
+                "met": bool(value is not None and ok(value)),
+            }
+        )
     return out
 
 
@@ -440,7 +512,9 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'figure':<52} {'measured':>10} {'target':>24} {'seed':>10} {'ratio':>7}  met")
     for row in rows:
         fmt = lambda v: "-" if v is None else str(v)
-        print(f"{row['figure']:<52} {fmt(row['measured']):>10} {row['target']:>24} {fmt(row['seed_baseline']):>10} {fmt(row['ratio']):>7}  {'yes' if row['met'] else 'NO'}")
+        print(
+            f"{row['figure']:<52} {fmt(row['measured']):>10} {row['target']:>24} {fmt(row['seed_baseline']):>10} {fmt(row['ratio']):>7}  {'yes' if row['met'] else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

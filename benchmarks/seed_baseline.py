@@ -63,10 +63,15 @@ async def serve() -> None:
                 reply = {
                     "status": "ok",
                     "request_id": request["request_id"],
-                    "items": [{"rank": r + 1, "product_id": fields(int(i))["product_id"], "name": names[i], "score": float(scores[i])} for r, i in enumerate(best)],
+                    "items": [
+                        {"rank": r + 1, "product_id": fields(int(i))["product_id"], "name": names[i], "score": float(scores[i])}
+                        for r, i in enumerate(best)
+                    ],
                 }
                 rid = request["request_id"].encode()
-                await producer.send_and_wait(request.get("reply_to", env["REPLY_TOPIC"]), json.dumps(reply).encode(), key=rid, headers=[("correlation_id", rid)])
+                await producer.send_and_wait(
+                    request.get("reply_to", env["REPLY_TOPIC"]), json.dumps(reply).encode(), key=rid, headers=[("correlation_id", rid)]
+                )
                 await consumer.commit({tp: record.offset + 1})
     await consumer.stop()
     await producer.stop()

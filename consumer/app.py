@@ -188,7 +188,9 @@ async def serve(settings: Settings) -> int:
     if timed_out:
         log.error(
             "shutdown timed out after %g s (SHUTDOWN_TIMEOUT_S): could not %s; exiting with code %d",
-            budget, "; ".join(timed_out), EXIT_SHUTDOWN_TIMED_OUT,
+            budget,
+            "; ".join(timed_out),
+            EXIT_SHUTDOWN_TIMED_OUT,
         )
     failure = None if not work.done() or work.cancelled() else work.exception()
     if failure is not None and not service.stop_requested.is_set():

@@ -49,10 +49,14 @@ class MongoServer(ManagedProcess):
     def command(self) -> list[str]:
         return [
             _secantusd(),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--storage-path", self.storage_path,
-            "--cache-size", self.cache_size,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--storage-path",
+            self.storage_path,
+            "--cache-size",
+            self.cache_size,
         ]
 
     def probe(self) -> bool:

@@ -42,11 +42,16 @@ class NoidaBroker(ManagedProcess):
 
     def command(self) -> list[str]:
         return [
-            str(NOIDA_BIN), "start",
-            "--only", "kafka",
-            "--kafka-port", str(self.port),
-            "--host", "127.0.0.1",
-            "--data-dir", str(self.data_dir),
+            str(NOIDA_BIN),
+            "start",
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--data-dir",
+            str(self.data_dir),
         ]
 
     def probe(self) -> bool:

@@ -115,9 +115,7 @@ class ManagedProcess:
             except Exception:
                 pass
             if time.monotonic() >= deadline:
-                raise ServiceError(
-                    f"{self.name} on port {self.port} not ready after {timeout:.1f}s; log tail:\n{self.log_tail()}"
-                )
+                raise ServiceError(f"{self.name} on port {self.port} not ready after {timeout:.1f}s; log tail:\n{self.log_tail()}")
             time.sleep(self.poll_interval)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:

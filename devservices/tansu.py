@@ -47,10 +47,14 @@ class TansuBroker(ManagedProcess):
 
     def command(self) -> list[str]:
         return [
-            str(TANSU_BIN), "broker",
-            "--listener-url", f"tcp://127.0.0.1:{self.port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
-            "--storage-engine", "memory://tansu/",
+            str(TANSU_BIN),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{self.advertised_port}",
+            "--storage-engine",
+            "memory://tansu/",
             *(["--authentication"] if self.authentication else []),
         ]
 

@@ -37,10 +37,7 @@ async def create_topics(
     other per-topic error code.
     """
     compacted = set(compacted)
-    topics = [
-        NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compacted else {})
-        for n in names
-    ]
+    topics = [NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compacted else {}) for n in names]
     if not topics:
         return
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

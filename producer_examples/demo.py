@@ -44,9 +44,11 @@ def resolve_model() -> str:
 
     tiny = build_random_clip(REPO / ".cache" / "models" / "tiny", size="tiny")
     bar = "!" * 78
-    print(f"\n{bar}\n  CLIP_MODEL={wanted!r} could not be loaded (no network or hub access).\n"
-          f"  Falling back to a TINY RANDOM-WEIGHTS CLIP at {tiny}.\n"
-          f"  Rankings below are meaningless except exact matches (identical text or image).\n{bar}\n")
+    print(
+        f"\n{bar}\n  CLIP_MODEL={wanted!r} could not be loaded (no network or hub access).\n"
+        f"  Falling back to a TINY RANDOM-WEIGHTS CLIP at {tiny}.\n"
+        f"  Rankings below are meaningless except exact matches (identical text or image).\n{bar}\n"
+    )
     return str(tiny)
 
 
@@ -64,8 +66,14 @@ async def run_searches(bootstrap: str, catalog: list[dict]) -> None:
         image_product = next(p for p in catalog if "image_b64" in p)
         searches = [
             (f"text: {product_text(text_product)!r}", {"query_text": product_text(text_product), "top_k": 3}),
-            ("text: 'comfortable shoes', footwear only", {"query_text": "comfortable shoes", "top_k": 3, "filters": {"category": "footwear"}}),
-            ("text: 'gift under 20'", {"query_text": "gift under 20", "top_k": 3, "filters": {"max_price": 20}, "similarity_threshold": -1}),
+            (
+                "text: 'comfortable shoes', footwear only",
+                {"query_text": "comfortable shoes", "top_k": 3, "filters": {"category": "footwear"}},
+            ),
+            (
+                "text: 'gift under 20'",
+                {"query_text": "gift under 20", "top_k": 3, "filters": {"max_price": 20}, "similarity_threshold": -1},
+            ),
             (f"image of {image_product['product_id']}", {"query_image_b64": image_product["image_b64"], "top_k": 3}),
             ("invalid: top_k 10000", {"query_text": "anything", "top_k": 10000}),
         ]
@@ -79,13 +87,17 @@ def main() -> None:
     with TansuBroker() as broker:
         bootstrap = broker.bootstrap
         asyncio.run(create_topics(bootstrap, list(TOPICS.values()), partitions=1))
-        env = os.environ | TOPICS | {
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "CLIP_MODEL": model,
-            "MODEL_CACHE_DIR": os.environ.get("MODEL_CACHE_DIR", str(REPO / ".cache")),
-            "KAFKA_SESSION_TIMEOUT_MS": "1500",
-            "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
-        }
+        env = (
+            os.environ
+            | TOPICS
+            | {
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "CLIP_MODEL": model,
+                "MODEL_CACHE_DIR": os.environ.get("MODEL_CACHE_DIR", str(REPO / ".cache")),
+                "KAFKA_SESSION_TIMEOUT_MS": "1500",
+                "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
+            }
+        )
         service = subprocess.Popen([sys.executable, "-m", "consumer"], env=env)
         try:
             print(f"broker on {bootstrap}; service pid {service.pid}; publishing {len(catalog)} products")

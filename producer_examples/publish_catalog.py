@@ -1,6 +1,6 @@
 """Publish the sample catalog (or a JSON file of products) as ProductUpdated events.
 
-    python -m producer_examples.publish_catalog --bootstrap 127.0.0.1:9092
+python -m producer_examples.publish_catalog --bootstrap 127.0.0.1:9092
 """
 
 from __future__ import annotations

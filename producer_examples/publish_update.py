@@ -1,7 +1,7 @@
 """Publish one product update (or a delete).
 
-    python -m producer_examples.publish_update --product-id p-100 --version 1 --name "Blue mug" --category kitchen
-    python -m producer_examples.publish_update --product-id p-100 --version 2 --delete
+python -m producer_examples.publish_update --product-id p-100 --version 1 --name "Blue mug" --category kitchen
+python -m producer_examples.publish_update --product-id p-100 --version 2 --delete
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Publish a search and print the ranked reply (matched by correlation id, with a timeout).
 
-    python -m producer_examples.search "red t-shirt" --top-k 3 --category apparel
+python -m producer_examples.search "red t-shirt" --top-k 3 --category apparel
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         request["query_image_b64"] = base64.b64encode(args.image.read_bytes()).decode()
     if args.top_k:
         request["top_k"] = args.top_k
-    filters = {k: v for k, v in (("category", args.category), ("min_price", args.min_price), ("max_price", args.max_price)) if v is not None}
+    filters = {
+        k: v for k, v in (("category", args.category), ("min_price", args.min_price), ("max_price", args.max_price)) if v is not None
+    }
     if filters:
         request["filters"] = filters
     async with SearchClient(args.bootstrap, args.topic, args.reply_topic) as client:

@@ -73,14 +73,17 @@ async def topics(broker):
 @pytest.fixture
 def settings_for(broker, topics, tiny_model):
     def make(**overrides) -> Settings:
-        values = dict(
-            kafka_bootstrap_servers=broker.bootstrap,
-            clip_model=tiny_model,
-            kafka_session_timeout_ms=1500,
-            kafka_heartbeat_interval_ms=250,
-            max_batch_wait_ms=20,
-            _env_file=None,
-        ) | topics
+        values = (
+            dict(
+                kafka_bootstrap_servers=broker.bootstrap,
+                clip_model=tiny_model,
+                kafka_session_timeout_ms=1500,
+                kafka_heartbeat_interval_ms=250,
+                max_batch_wait_ms=20,
+                _env_file=None,
+            )
+            | topics
+        )
         return Settings(**(values | overrides))
 
     return make

@@ -22,4 +22,6 @@ def test_bandit_reports_no_medium_or_high_findings():
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, f"bandit findings (fix, or justify with '# nosec BXXX  # reason'):\n{result.stdout}{result.stderr[-2000:]}"
+    assert result.returncode == 0, (
+        f"bandit findings (fix, or justify with '# nosec BXXX  # reason'):\n{result.stdout}{result.stderr[-2000:]}"
+    )

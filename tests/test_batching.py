@@ -105,7 +105,6 @@ async def test_invalid_max_size() -> None:
         await collect_batch(broker.fetch, 0, 1.0, 1.0, clock=broker.clock)
 
 
-
 async def test_stop_returns_the_batch_in_hand_without_waiting():
     broker = FakeBroker([(0.0, 1), (0.1, 2), (5.0, 3)])
     batch = await collect_batch(broker.fetch, 10, max_wait_s=10.0, idle_timeout_s=1.0, clock=broker.clock, stop=lambda: broker.now >= 0.1)

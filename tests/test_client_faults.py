@@ -205,8 +205,9 @@ async def test_replies_only_go_where_they_may(broker, mongo, tiny_model, tmp_pat
             assert b"MessageSizeTooLargeError" in headers["error.message"], headers
         assert not [r for r in got[names["reply_topic"]] + got[client_topic] if b"too-large" in dict(r.headers)["correlation_id"]]
         assert [json.loads(r.value)["request_id"] for r in got[client_topic]] == ["small-client"]
-        await record(fault_table, "reply to a forbidden or undeliverable topic", stream, broker.bootstrap, mongo_versions(mongo, names, stream))
+        await record(
+            fault_table, "reply to a forbidden or undeliverable topic", stream, broker.bootstrap, mongo_versions(mongo, names, stream)
+        )
     finally:
         for replica in replicas:
             replica.kill()
-

@@ -157,8 +157,13 @@ def test_topic_init_creates_the_default_topics_and_compacts_features(compose):
     script = compose["services"]["kafka-init"]["command"][0]
     defaults = Settings(_env_file=None)
     created = dict(re.findall(r"--topic (\S+) (.*)", script))
-    for topic in (defaults.search_requests_topic, defaults.product_updates_topic, defaults.reply_topic,
-                  defaults.dead_letter_topic, defaults.features_topic):
+    for topic in (
+        defaults.search_requests_topic,
+        defaults.product_updates_topic,
+        defaults.reply_topic,
+        defaults.dead_letter_topic,
+        defaults.features_topic,
+    ):
         assert topic in created, f"{topic} is not created"
         assert "--partitions" in created[topic]
     assert "cleanup.policy=compact" in created[defaults.features_topic]

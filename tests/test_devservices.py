@@ -32,7 +32,10 @@ async def produce(bootstrap: str, topic: str, n: int = N) -> None:
     try:
         for i in range(n):
             await producer.send_and_wait(
-                topic, f"v{i}".encode(), key=f"k{i}".encode(), partition=i % 3,
+                topic,
+                f"v{i}".encode(),
+                key=f"k{i}".encode(),
+                partition=i % 3,
                 headers=[("trace-id", f"t{i}".encode()), ("kind", b"test")],
             )
     finally:
@@ -41,8 +44,12 @@ async def produce(bootstrap: str, topic: str, n: int = N) -> None:
 
 def group_consumer(b: Broker, *topics: str, group: str = "g1") -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        *topics, bootstrap_servers=b.bootstrap, group_id=group, auto_offset_reset="earliest",
-        enable_auto_commit=False, **b.consumer_group_config,
+        *topics,
+        bootstrap_servers=b.bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **b.consumer_group_config,
     )
 
 
@@ -150,9 +157,7 @@ async def test_noida_survives_sigkill(tmp_path) -> None:
 @pytest.mark.asyncio
 async def test_noida_rejects_short_session_timeout() -> None:
     with NoidaBroker() as b:
-        consumer = AIOKafkaConsumer(
-            TOPIC, bootstrap_servers=b.bootstrap, group_id="g", session_timeout_ms=1500, heartbeat_interval_ms=250
-        )
+        consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=b.bootstrap, group_id="g", session_timeout_ms=1500, heartbeat_interval_ms=250)
         with pytest.raises(InvalidSessionTimeoutError):
             await consumer.start()
         await consumer.stop()

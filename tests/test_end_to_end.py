@@ -45,13 +45,17 @@ async def test_catalog_searches_get_exactly_one_ranked_reply_each(service_factor
                 assert reply["random_weights"] is True
                 assert reply["_headers"]["correlation_id"] == reply["request_id"]
 
-            kitchen = await client.search({"query_text": "Red cotton t-shirt. Soft crew-neck tee", "top_k": 20, "filters": {"category": "kitchen"}})
+            kitchen = await client.search(
+                {"query_text": "Red cotton t-shirt. Soft crew-neck tee", "top_k": 20, "filters": {"category": "kitchen"}}
+            )
             assert kitchen["items"] and {i["category"] for i in kitchen["items"]} == {"kitchen"}
             cheap = await client.search({"query_text": "anything", "top_k": 50, "filters": {"max_price": 20}, "similarity_threshold": -1})
             assert cheap["items"] and all(i["price"] <= 20 for i in cheap["items"])
             assert len(cheap["items"]) == sum(1 for p in catalog if p["price"] <= 20)
 
-            waiters = [await client.send({"request_id": f"burst-{n}", "query_text": TEXT_PRODUCTS[n % 8]["name"], "top_k": 2}) for n in range(50)]
+            waiters = [
+                await client.send({"request_id": f"burst-{n}", "query_text": TEXT_PRODUCTS[n % 8]["name"], "top_k": 2}) for n in range(50)
+            ]
             replies = await asyncio.wait_for(asyncio.gather(*waiters), 60)
             assert sorted(r["request_id"] for r in replies) == sorted(f"burst-{n}" for n in range(50))
             assert all(r["status"] == "ok" and len(r["items"]) == 2 for r in replies)
@@ -73,12 +77,19 @@ async def test_versions_and_deletes_change_results(service_factory, topics, brok
             before = await client.search(query)
             assert before["items"][0]["product_id"] != "t-04"
 
-            await publish(bootstrap, updates, [{"product_id": "t-04", "version": 2, "name": "Cast iron frying pan", "category": "kitchen"}], "product_id")
+            await publish(
+                bootstrap,
+                updates,
+                [{"product_id": "t-04", "version": 2, "name": "Cast iron frying pan", "category": "kitchen"}],
+                "product_id",
+            )
             await wait_for(lambda: service.index.version_of("t-04") == 2, what="v2 applied")
             after = await client.search(query)
             assert after["items"][0]["product_id"] == "t-04" and after["items"][0]["name"] == "Cast iron frying pan"
 
-            await publish(bootstrap, updates, [{"product_id": "t-04", "version": 1, "name": "Steel kettle", "description": "old"}], "product_id")
+            await publish(
+                bootstrap, updates, [{"product_id": "t-04", "version": 1, "name": "Steel kettle", "description": "old"}], "product_id"
+            )
             await publish(bootstrap, updates, [{"product_id": "t-05", "version": 2, "deleted": True}], "product_id")
             await wait_for(lambda: "t-05" not in service.index, what="delete applied")
             assert service.index.version_of("t-04") == 2

@@ -59,7 +59,12 @@ SEARCH_CASES: list[tuple[str, bytes, str, str | None]] = [
     ("schema-extra-field", as_json(search("e-extra", colour="red")), "schema_violation", "e-extra"),
     ("version", as_json(search("e-version", schema_version=2)), "unsupported_schema_version", "e-version"),
     ("base64", as_json(search("e-base64", query_text=None, query_image_b64="%%% not base64 %%%")), "invalid_base64", "e-base64"),
-    ("not-image", as_json(search("e-not-image", query_image_b64=base64.b64encode(b"just some bytes").decode())), "invalid_image", "e-not-image"),
+    (
+        "not-image",
+        as_json(search("e-not-image", query_image_b64=base64.b64encode(b"just some bytes").decode())),
+        "invalid_image",
+        "e-not-image",
+    ),
     ("pixels", as_json(search("e-pixels", query_text=None, query_image_b64=OVER_PIXELS_B64)), "image_too_large", "e-pixels"),
     ("bomb", as_json(search("e-bomb", query_image_b64=BOMB_B64)), "image_too_large", "e-bomb"),
     ("bytes", as_json(search("e-bytes", query_image_b64=noise_png_b64())), "image_too_large", "e-bytes"),
@@ -102,9 +107,7 @@ async def alt_reply_topic(broker, topics) -> str:
 
 
 async def test_every_bad_input_gets_a_typed_error_reply_and_a_dead_letter(service_factory, topics, broker, alt_reply_topic):
-    service = service_factory(
-        max_message_bytes=MAX_MESSAGE_BYTES, max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=MAX_IMAGE_PIXELS
-    )
+    service = service_factory(max_message_bytes=MAX_MESSAGE_BYTES, max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=MAX_IMAGE_PIXELS)
     req, upd = topics["search_requests_topic"], topics["product_updates_topic"]
     messages = [(req, value, name.encode()) for name, value, _, _ in SEARCH_CASES]
     messages += [(upd, value, name.encode()) for name, value, _ in PRODUCT_CASES]
@@ -122,9 +125,11 @@ async def test_every_bad_input_gets_a_typed_error_reply_and_a_dead_letter(servic
         bad = len(SEARCH_CASES) + len(PRODUCT_CASES) + 2
         async with Tap(broker.bootstrap, topics["dead_letter_topic"], topics["reply_topic"], alt_reply_topic) as tap:
             await wait_for(
-                lambda: len(tap.records(topics["dead_letter_topic"])) >= bad
-                and len(tap.records(topics["reply_topic"])) >= len(expected) + 2
-                and tap.records(alt_reply_topic),
+                lambda: (
+                    len(tap.records(topics["dead_letter_topic"])) >= bad
+                    and len(tap.records(topics["reply_topic"])) >= len(expected) + 2
+                    and tap.records(alt_reply_topic)
+                ),
                 what="dead letters and replies",
             )
         await wait_for(lambda: "good-1" in service.index, what="the valid product indexed")
@@ -236,8 +241,13 @@ async def test_records_left_for_a_retry_are_answered_once_by_the_retry(tiny_mode
     """While the store is down a partition is retried from its first failed record; bad records after
     that point get their error reply and dead letter from the retry, not from every attempt."""
     settings = Settings(
-        kafka_bootstrap_servers="127.0.0.1:9", clip_model=tiny_model, search_requests_topic="req",
-        product_updates_topic="upd", reply_topic="replies", dead_letter_topic="dlq", _env_file=None,
+        kafka_bootstrap_servers="127.0.0.1:9",
+        clip_model=tiny_model,
+        search_requests_topic="req",
+        product_updates_topic="upd",
+        reply_topic="replies",
+        dead_letter_topic="dlq",
+        _env_file=None,
     )
     service = build_service(settings)
 
@@ -261,5 +271,10 @@ async def test_records_left_for_a_retry_are_answered_once_by_the_retry(tiny_mode
     retry = [r for r in batch if r.offset >= 1]
     report, out = await service.process(retry)
     assert report.rewind == {}
-    assert sorted((m.topic, dict(m.headers).get("source.offset")) for m in out) == [("dlq", b"2"), ("dlq", b"2"), ("replies", None), ("replies", None)]
+    assert sorted((m.topic, dict(m.headers).get("source.offset")) for m in out) == [
+        ("dlq", b"2"),
+        ("dlq", b"2"),
+        ("replies", None),
+        ("replies", None),
+    ]
     assert report.products_applied == 1 and report.replies == 1 and report.error_replies == 1

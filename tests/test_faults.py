@@ -109,7 +109,9 @@ def make_stream(prefix: str, names: dict[str, str], valid: int = 200, invalid: i
     for n in range(valid):
         rid = f"{prefix}-ok-{n}"
         stream.valid.add(rid)
-        searches.append((req, as_json({"request_id": rid, "query_text": QUERIES[n % len(QUERIES)], "top_k": 3, "reply_to": reply}), rid.encode()))
+        searches.append(
+            (req, as_json({"request_id": rid, "query_text": QUERIES[n % len(QUERIES)], "top_k": 3, "reply_to": reply}), rid.encode())
+        )
     for n in range(invalid):
         if n % 3 == 2:
             raw = f"{prefix} garbage {n}".encode()
@@ -125,7 +127,9 @@ def make_stream(prefix: str, names: dict[str, str], valid: int = 200, invalid: i
     for p in range(products):
         pid = f"{prefix}-p{p}"
         stream.newest[pid] = 3
-        versions = [(v, {"product_id": pid, "version": v, "name": f"{QUERIES[p % len(QUERIES)]} v{v}", "price": float(v)}) for v in (1, 2, 3)]
+        versions = [
+            (v, {"product_id": pid, "version": v, "name": f"{QUERIES[p % len(QUERIES)]} v{v}", "price": float(v)}) for v in (1, 2, 3)
+        ]
         early, late = (versions[:2], versions[2:]) if p % 2 == 0 else (versions[2:], versions[:2])
         first.extend((upd, as_json(e), pid.encode()) for _, e in early)
         second.extend((upd, as_json(e), pid.encode()) for _, e in late)
@@ -196,7 +200,14 @@ def fault_table(request):
         return
     header = ("fault", "requests sent", "replies", "duplicates", "lost", "dead letters")
     table = [header] + [
-        (t.fault, str(t.sent), str(t.replies), f"{t.duplicates} ({t.identical} identical, {t.recomputed} recomputed)", str(len(t.lost)), str(t.dead_letters))
+        (
+            t.fault,
+            str(t.sent),
+            str(t.replies),
+            f"{t.duplicates} ({t.identical} identical, {t.recomputed} recomputed)",
+            str(len(t.lost)),
+            str(t.dead_letters),
+        )
         for t in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -219,7 +230,9 @@ async def record(
     assert not result.lost, f"{fault}: lost {result.lost[:10]}"
     if exact:
         assert result.duplicates == 0, f"{fault}: {result.duplicates} requests answered twice"
-        assert result.dead_letters == stream.expected_dead_letters, f"{fault}: {result.dead_letters} dead letters for {stream.expected_dead_letters} bad records"
+        assert result.dead_letters == stream.expected_dead_letters, (
+            f"{fault}: {result.dead_letters} dead letters for {stream.expected_dead_letters} bad records"
+        )
     return result
 
 
@@ -285,7 +298,9 @@ async def test_broker_unavailable_at_start(tmp_path, tiny_model, fault_table, ca
         with caplog.at_level(logging.WARNING, logger="consumer"):
             starting = asyncio.create_task(service.start())
             try:
-                await wait_for(lambda: sum("could not connect" in r.getMessage() for r in caplog.records) >= 2, what="retries while the broker is down")
+                await wait_for(
+                    lambda: sum("could not connect" in r.getMessage() for r in caplog.records) >= 2, what="retries while the broker is down"
+                )
                 assert not starting.done()
                 await asyncio.to_thread(broker.start)
                 await asyncio.wait_for(starting, 60)
@@ -293,7 +308,10 @@ async def test_broker_unavailable_at_start(tmp_path, tiny_model, fault_table, ca
                 starting.cancel()
                 await service.close()
                 raise
-        async with running(service, start=False, timeout=60) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
+        async with (
+            running(service, start=False, timeout=60) as task,
+            Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap,
+        ):
             await send_raw(broker.bootstrap, stream.messages)
             await wait_for(lambda: stream.answered(tap), timeout=60, what="every request answered")
             await wait_for(lambda: index_versions(service, stream) == stream.newest, what="product updates applied")
@@ -345,7 +363,9 @@ async def test_store_unavailable_in_cached_mode(broker, tmp_path, tiny_model, fa
     try:
         await asyncio.to_thread(mongo.start)
         uri = f"{mongo.uri}/?serverSelectionTimeoutMS=1000&connectTimeoutMS=1000"
-        service = build_service(service_settings(broker.bootstrap, names, tiny_model, TANSU_GROUP, mongodb_uri=uri, mongodb_database="faults"))
+        service = build_service(
+            service_settings(broker.bootstrap, names, tiny_model, TANSU_GROUP, mongodb_uri=uri, mongodb_database="faults")
+        )
         stream = make_stream("store", names)
         async with running(service, timeout=60) as task, Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
             await send_raw(broker.bootstrap, stream.first)
@@ -358,7 +378,11 @@ async def test_store_unavailable_in_cached_mode(broker, tmp_path, tiny_model, fa
             assert not mongo.running
             assert index_versions(service, stream) == before, "an update was applied without the store"
             await asyncio.to_thread(mongo.start)
-            await wait_for(lambda: all(service.index.version_of(p) == 3 for p in stream.newest), timeout=60, what="updates applied after the store returned")
+            await wait_for(
+                lambda: all(service.index.version_of(p) == 3 for p in stream.newest),
+                timeout=60,
+                what="updates applied after the store returned",
+            )
             await wait_for(lambda: stream.answered(tap), what="the bad update dead-lettered once the retries pass it")
             assert not task.done(), "the consumer stopped"
             assert await store_versions(service, stream) == stream.newest
@@ -373,8 +397,14 @@ async def test_rebalance_mid_stream(broker, mongo, tiny_model, fault_table):
     names = topic_names()
     await create_stream_topics(broker.bootstrap, names)
     settings = service_settings(
-        broker.bootstrap, names, tiny_model, TANSU_GROUP, max_batch_size=16, max_batch_wait_ms=100,
-        mongodb_uri=mongo.uri, mongodb_database=f"faults_{names['consumer_group_id'][-8:]}",
+        broker.bootstrap,
+        names,
+        tiny_model,
+        TANSU_GROUP,
+        max_batch_size=16,
+        max_batch_wait_ms=100,
+        mongodb_uri=mongo.uri,
+        mongodb_database=f"faults_{names['consumer_group_id'][-8:]}",
     )
     first, second = build_service(settings), build_service(settings)
     stream = make_stream("rebalance", names)
@@ -413,8 +443,14 @@ async def test_rebalance_while_a_batch_is_being_collected(broker, mongo, tiny_mo
     names = topic_names()
     await create_stream_topics(broker.bootstrap, names)
     settings = service_settings(
-        broker.bootstrap, names, tiny_model, TANSU_GROUP, max_batch_size=1024, max_batch_wait_ms=10_000,
-        mongodb_uri=mongo.uri, mongodb_database=f"faults_{names['consumer_group_id'][-8:]}",
+        broker.bootstrap,
+        names,
+        tiny_model,
+        TANSU_GROUP,
+        max_batch_size=1024,
+        max_batch_wait_ms=10_000,
+        mongodb_uri=mongo.uri,
+        mongodb_database=f"faults_{names['consumer_group_id'][-8:]}",
     )
     first, second = build_service(settings), build_service(settings)
     stream = make_stream("collecting", names, valid=40, invalid=6, products=2)
@@ -471,10 +507,16 @@ class ServiceProcess:
         self.env["METRICS_PORT"] = str(free_port())
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module], cwd=self.workdir, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", self.module],
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
-        await wait_for(lambda: ASSIGNED in self.log() or self.proc.poll() is not None, timeout=60, what="the service process to be assigned")
+        await wait_for(
+            lambda: ASSIGNED in self.log() or self.proc.poll() is not None, timeout=60, what="the service process to be assigned"
+        )
         assert self.proc.poll() is None, f"the service exited early:\n{self.log()[-3000:]}"
 
     def signal(self, sig: int) -> None:
@@ -539,7 +581,9 @@ async def test_process_killed_mid_batch(broker, mongo, tiny_model, tmp_path, fau
             assert service.proc.poll() is None, "the restarted consumer stopped"
         service.signal(signal.SIGTERM)
         assert await service.wait() == 0
-        result = await record(fault_table, "process SIGKILL mid-batch", stream, broker.bootstrap, mongo_versions(mongo, names, stream), exact=False)
+        result = await record(
+            fault_table, "process SIGKILL mid-batch", stream, broker.bootstrap, mongo_versions(mongo, names, stream), exact=False
+        )
         assert result.duplicates <= 8, "more than the batch in flight was answered twice"
     finally:
         service.kill()

@@ -11,9 +11,7 @@ from consumer.index.ranking import Hit, Query, SearchFilter
 DIM = 16
 
 
-def meta(
-    pid: str, version: int = 1, category: str | None = None, price: float | None = None
-) -> ProductMeta:
+def meta(pid: str, version: int = 1, category: str | None = None, price: float | None = None) -> ProductMeta:
     return ProductMeta(pid, version, f"name {pid}", f"desc {pid}", category, price)
 
 
@@ -42,8 +40,7 @@ def brute_force_topk(
         keep = [
             j
             for j in range(len(ids))
-            if (p.threshold is None or scores[r, j] >= p.threshold)
-            and (p.filter is None or p.filter.matches(categories[j], prices[j]))
+            if (p.threshold is None or scores[r, j] >= p.threshold) and (p.filter is None or p.filter.matches(categories[j], prices[j]))
         ]
         keep.sort(key=lambda j: (-scores[r, j], ids[j]))
         out.append([(ids[j], float(scores[r, j])) for j in keep[: p.top_k]])
@@ -234,9 +231,7 @@ def test_nbytes_reflects_storage_dtype() -> None:
     chunk_rows=st.sampled_from([1, 7, 64, 8192]),
     n_deleted=st.integers(0, 50),
 )
-def test_float32_search_equals_brute_force(
-    seed: int, n: int, q: int, chunk_rows: int, n_deleted: int
-) -> None:
+def test_float32_search_equals_brute_force(seed: int, n: int, q: int, chunk_rows: int, n_deleted: int) -> None:
     rng = np.random.default_rng(seed)
     dim = 32
     index = FeatureIndex(dim, initial_capacity=8, chunk_rows=chunk_rows)

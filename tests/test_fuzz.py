@@ -107,7 +107,10 @@ search_event = _event(
     st.dictionaries(st.text(max_size=10), junk, min_size=1, max_size=2),
 )
 product_event = _event(
-    {"product_id": mostly(st.sampled_from(["p-1", "p-2", "p-3"]), identifier), "version": mostly(st.integers(0, 6), st.integers(), st.floats())},
+    {
+        "product_id": mostly(st.sampled_from(["p-1", "p-2", "p-3"]), identifier),
+        "version": mostly(st.integers(0, 6), st.integers(), st.floats()),
+    },
     {
         "name": query_text,
         "description": query_text,
@@ -128,17 +131,16 @@ def _dumps(event: object) -> bytes:
 raw_value = st.one_of(st.none(), st.binary(max_size=300), junk.map(_dumps))
 search_value = st.sampled_from([search_event.map(_dumps)] * 4 + [raw_value]).flatmap(lambda chosen: chosen)
 product_value = st.sampled_from([product_event.map(_dumps)] * 4 + [raw_value]).flatmap(lambda chosen: chosen)
-batch = st.lists(st.one_of(st.tuples(st.just(SEARCH_TOPIC), search_value), st.tuples(st.just(PRODUCT_TOPIC), product_value)), min_size=1, max_size=12)
+batch = st.lists(
+    st.one_of(st.tuples(st.just(SEARCH_TOPIC), search_value), st.tuples(st.just(PRODUCT_TOPIC), product_value)), min_size=1, max_size=12
+)
 
 _offsets = itertools.count()
 
 
 def records_for(values: list[tuple[str, bytes | None]]) -> list[ConsumerRecord]:
     now_ms = int(time.time() * 1000)
-    return [
-        ConsumerRecord(topic, 0, next(_offsets), now_ms, 0, None, value, None, -1, len(value or b""), [])
-        for topic, value in values
-    ]
+    return [ConsumerRecord(topic, 0, next(_offsets), now_ms, 0, None, value, None, -1, len(value or b""), []) for topic, value in values]
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,17 @@ def test_feature_events_apply_in_order_and_unusable_vectors_are_reported():
     short = upsert("short", 1).model_copy(update={"feature_b64": base64.b64encode(b"\0" * (dim * 2 - 2)).decode()})
     not_base64 = upsert("garbled", 1).model_copy(update={"feature_b64": "###"})
     events = [
-        upsert("a", 1), upsert("b", 1), delete("a", 2), upsert("a", 1), upsert("b", 3), upsert("b", 2),
-        upsert("c", 1, model="other"), upsert("zero", 1, np.zeros(dim)), short, not_base64, upsert("d", 1),
+        upsert("a", 1),
+        upsert("b", 1),
+        delete("a", 2),
+        upsert("a", 1),
+        upsert("b", 3),
+        upsert("b", 2),
+        upsert("c", 1, model="other"),
+        upsert("zero", 1, np.zeros(dim)),
+        short,
+        not_base64,
+        upsert("d", 1),
     ]
     index = FeatureIndex(dim)
     report = apply_feature_events(index, events, "m")

@@ -44,7 +44,9 @@ def test_first_record_passes_repeats_are_counted_into_one_line_per_window():
         "Unable connect to node with id 1: refused 303 [and 1 more like this in the last 11.0 s]"
     ]
     clock.now += 6
-    assert passed(summary, record("aiokafka", template, 1, "back")) == ["Unable connect to node with id 1: back"], "a quiet window has nothing to add"
+    assert passed(summary, record("aiokafka", template, 1, "back")) == ["Unable connect to node with id 1: back"], (
+        "a quiet window has nothing to add"
+    )
 
 
 def test_kinds_are_logger_level_and_template_and_other_loggers_pass_untouched():

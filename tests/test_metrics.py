@@ -111,7 +111,12 @@ def fake_cgroup(tmp_path: Path, proc_line: str, files: dict[str, str]) -> tuple[
         ("0::/", {}, None, None),  # the host's root cgroup has no memory.current
         ("0::/system.slice/x.service", {"system.slice/x.service/memory.current": "7", "system.slice/x.service/memory.max": "9"}, 7, 9),
         ("4:memory:/docker/abc", {"memory/memory.usage_in_bytes": "5", "memory/memory.limit_in_bytes": "10"}, 5, 10),
-        ("4:memory:/sandbox/1", {"memory/sandbox/1/memory.usage_in_bytes": "5", "memory/sandbox/1/memory.limit_in_bytes": "9223372036854771712"}, 5, None),
+        (
+            "4:memory:/sandbox/1",
+            {"memory/sandbox/1/memory.usage_in_bytes": "5", "memory/sandbox/1/memory.limit_in_bytes": "9223372036854771712"},
+            5,
+            None,
+        ),
         ("4:memory:/", {"memory/memory.usage_in_bytes": "5", "memory/memory.limit_in_bytes": "9223372036854771712"}, None, None),
         ("4:memory:/\n0::/", {"memory/memory.usage_in_bytes": "5", "memory/memory.limit_in_bytes": "64", "memory.current": "1"}, 5, 64),
     ],
@@ -173,8 +178,12 @@ def record(topic: str, offset: int, partition: int = 0, timestamp: int = 1_000_0
 
 
 def dead_letter(topic: str, offset: int, code: str, partition: int = 0) -> Outbound:
-    headers = [("error.code", code.encode()), ("source.topic", topic.encode()),
-               ("source.partition", str(partition).encode()), ("source.offset", str(offset).encode())]
+    headers = [
+        ("error.code", code.encode()),
+        ("source.topic", topic.encode()),
+        ("source.partition", str(partition).encode()),
+        ("source.offset", str(offset).encode()),
+    ]
     return Outbound("dlq", b"{}", None, headers)
 
 
@@ -189,8 +198,10 @@ def test_observe_batch_counts_outcomes_from_what_was_published():
     m = metrics()
     records = [record("req", 0), record("req", 1), record("req", 2), record("req", 3), record("prod", 0), record("prod", 1)]
     outbound = [
-        reply(True), reply(True),
-        reply(False, "schema_violation"), dead_letter("req", 2, "schema_violation"),
+        reply(True),
+        reply(True),
+        reply(False, "schema_violation"),
+        dead_letter("req", 2, "schema_violation"),
         dead_letter("req", 3, "invalid_json"),  # no request_id: no reply possible
         dead_letter("prod", 1, "invalid_image"),
         Outbound("features", b"{}", b"p", [("event-type", b"product_feature.v1")]),
@@ -220,7 +231,13 @@ def test_observe_search_takes_encode_and_rank_time_of_the_batch():
         timings: Timings
 
     m = metrics()
-    m.observe_search([object(), Result(Timings(queue_ms=1, encode_ms=20, rank_ms=3, total_ms=30)), Result(Timings(queue_ms=1, encode_ms=20, rank_ms=3, total_ms=30))])
+    m.observe_search(
+        [
+            object(),
+            Result(Timings(queue_ms=1, encode_ms=20, rank_ms=3, total_ms=30)),
+            Result(Timings(queue_ms=1, encode_ms=20, rank_ms=3, total_ms=30)),
+        ]
+    )
     get = m.registry.get_sample_value
     assert get("clip_search_encode_duration_seconds_count") == 1
     assert get("clip_search_encode_duration_seconds_sum") == pytest.approx(0.020)
@@ -369,7 +386,7 @@ async def test_readiness_follows_the_broker_connection_assignment_and_store(serv
             status, _, body = await http(server.port, "/readyz")
             assert status == 200, body
             status, _, body = await http(server.port, "/metrics")
-            assert b'clip_search_service_info{model=' in body
+            assert b"clip_search_service_info{model=" in body
 
             class UnreachableStore:
                 class collection:

@@ -144,9 +144,7 @@ def test_identical_inputs_identical_embeddings(tokenizer, text_tower, vision_tow
     assert not torch.allclose(pair[0], image_pair[0], rtol=1e-3, atol=1e-4)
 
 
-def test_full_model_features_equal_single_towers(
-    tokenizer, full_model, text_tower, vision_tower, pixel_values: torch.Tensor
-) -> None:
+def test_full_model_features_equal_single_towers(tokenizer, full_model, text_tower, vision_tower, pixel_values: torch.Tensor) -> None:
     """transformers 5: ``get_*_features`` return ``BaseModelOutputWithPooling`` whose pooler_output is the projection."""
     inputs = tokenizer(["a photo of a cat", "red running shoes"], padding=True, return_tensors="pt")
     with torch.inference_mode():

@@ -200,6 +200,10 @@ def test_export_in_subprocess(tiny_model: str, tmp_path: Path) -> None:
 def test_cli_rejects_unknown_tower(tiny_model: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "consumer.tools.onnx_export", "--model", tiny_model, "--out", str(tmp_path / "x"), "--towers", "audio"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
     )
     assert proc.returncode == 2 and "towers" in proc.stderr

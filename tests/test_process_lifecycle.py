@@ -30,8 +30,12 @@ class LaunchedProcess(ServiceProcess):
         self.env["METRICS_PORT"] = str(free_port())
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consumer"], cwd=self.workdir, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "consumer"],
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         await wait_for(lambda: until in self.log() or self.proc.poll() is not None, timeout=timeout, what=repr(until))
         assert self.proc.poll() is None, f"the service exited early:\n{self.log()[-3000:]}"
@@ -62,14 +66,25 @@ def test_a_wrong_mongodb_password_stops_the_start_with_one_line_naming_the_setti
     proc = subprocess.run([sys.executable, "-m", "consumer"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == "clip-search could not start: MongoDB refused the credentials: check the user info of MONGODB_URI"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "clip-search could not start: MongoDB refused the credentials: check the user info of MONGODB_URI"
+    )
     assert "wrong-password-Qz9" not in proc.stderr and password not in proc.stderr
 
 
 async def test_sigterm_while_start_waits_for_an_unreachable_broker_exits_at_once(tiny_model, tmp_path):
     names = topic_names()
     nowhere = f"127.0.0.1:{free_port()}"
-    env = process_env(nowhere, names, tiny_model, "", NoidaBroker.consumer_group_config, LAZY_LOAD_MODEL="true", SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
+    env = process_env(
+        nowhere,
+        names,
+        tiny_model,
+        "",
+        NoidaBroker.consumer_group_config,
+        LAZY_LOAD_MODEL="true",
+        SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+    )
     service = LaunchedProcess(tmp_path, env)
     try:
         await service.launch(until="could not connect the producer")
@@ -90,8 +105,13 @@ async def test_sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout_wi
         await asyncio.to_thread(broker.start)
         await create_stream_topics(broker.bootstrap, names)
         env = process_env(
-            broker.bootstrap, names, tiny_model, mongo.uri, NoidaBroker.consumer_group_config,
-            LAZY_LOAD_MODEL="true", SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+            broker.bootstrap,
+            names,
+            tiny_model,
+            mongo.uri,
+            NoidaBroker.consumer_group_config,
+            LAZY_LOAD_MODEL="true",
+            SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
         )
         service = LaunchedProcess(tmp_path, env)
         try:
@@ -107,7 +127,9 @@ async def test_sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout_wi
             service.kill()
     finally:
         broker.close()
-    assert took <= SHUTDOWN_TIMEOUT_S + EXIT_MARGIN_S, f"exit took {took:.1f} s with SHUTDOWN_TIMEOUT_S={SHUTDOWN_TIMEOUT_S}:\n{outage[-3000:]}"
+    assert took <= SHUTDOWN_TIMEOUT_S + EXIT_MARGIN_S, (
+        f"exit took {took:.1f} s with SHUTDOWN_TIMEOUT_S={SHUTDOWN_TIMEOUT_S}:\n{outage[-3000:]}"
+    )
     aiokafka_lines = AIOKAFKA_LINE.findall(outage)
     assert len(aiokafka_lines) <= 40, f"{len(aiokafka_lines)} aiokafka lines during the outage:\n{outage[-5000:]}"
     assert "Traceback" not in outage
@@ -126,8 +148,13 @@ async def test_sigterm_with_a_frozen_broker_abandons_what_cannot_finish_and_says
         await asyncio.to_thread(broker.start)
         await create_stream_topics(broker.bootstrap, names)
         env = process_env(
-            broker.bootstrap, names, tiny_model, mongo.uri, NoidaBroker.consumer_group_config,
-            LAZY_LOAD_MODEL="true", SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+            broker.bootstrap,
+            names,
+            tiny_model,
+            mongo.uri,
+            NoidaBroker.consumer_group_config,
+            LAZY_LOAD_MODEL="true",
+            SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
         )
         service = LaunchedProcess(tmp_path, env)
         try:

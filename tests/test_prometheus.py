@@ -156,8 +156,10 @@ async def test_every_dashboard_query_returns_series_from_a_real_prometheus(servi
                     assert (await client.search({"query_text": product_text(product), "top_k": 2}))["status"] == "ok"
                 bad = await client.search({"query_text": "x", "top_k": 0})
                 assert bad["status"] == "error" and bad["error"]["code"] == "schema_violation"
-            await wait_for(lambda: service.metrics.registry.get_sample_value(
-                "clip_search_dead_letters_total", {"code": "schema_violation"}) == 2, what="dead letters counted")
+            await wait_for(
+                lambda: service.metrics.registry.get_sample_value("clip_search_dead_letters_total", {"code": "schema_violation"}) == 2,
+                what="dead letters counted",
+            )
 
             after_load = await asyncio.to_thread(scrapes, prom)
             await until(lambda: scrapes(prom) >= after_load + 2, "two scrapes after the load")
@@ -183,7 +185,7 @@ async def test_every_dashboard_query_returns_series_from_a_real_prometheus(servi
             assert value('clip_search_replies_total{outcome="schema_violation"}') == 1
             assert value('sum(clip_search_dead_letters_total{code="schema_violation"})') == 2
             assert value('clip_search_model_loaded{tower="text"}') == 1
-            assert value('max(clip_search_consumer_lag_records)') == 0
+            assert value("max(clip_search_consumer_lag_records)") == 0
             assert value("clip_search_memory_limit_bytes") == LIMIT_MB * 2**20
             assert value("clip_search_paused") == 0 and value("clip_search_pauses_total") == 0
             rss_now = memory.rss_bytes()

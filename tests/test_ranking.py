@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 from consumer.index.ranking import Hit, Query, RunningTopK, SearchFilter, filter_mask
 
 
-def reference_topk(
-    scores: np.ndarray, ids: list[str], mask: np.ndarray | None, queries: list[Query]
-) -> list[list[Hit]]:
+def reference_topk(scores: np.ndarray, ids: list[str], mask: np.ndarray | None, queries: list[Query]) -> list[list[Hit]]:
     out = []
     for r, q in enumerate(queries):
         entries = [
@@ -28,9 +26,7 @@ def reference_topk(
     return out
 
 
-def push_in_chunks(
-    queries: list[Query], scores: np.ndarray, ids: list[str], mask: np.ndarray | None, bounds: list[int]
-) -> list[list[Hit]]:
+def push_in_chunks(queries: list[Query], scores: np.ndarray, ids: list[str], mask: np.ndarray | None, bounds: list[int]) -> list[list[Hit]]:
     topk = RunningTopK(queries)
     edges = [0, *bounds, scores.shape[1]]
     for a, b in zip(edges, edges[1:]):
@@ -47,9 +43,7 @@ def push_in_chunks(
     use_mask=st.booleans(),
     n_cuts=st.integers(0, 6),
 )
-def test_chunked_topk_matches_reference(
-    seed: int, q: int, n: int, levels: int, use_mask: bool, n_cuts: int
-) -> None:
+def test_chunked_topk_matches_reference(seed: int, q: int, n: int, levels: int, use_mask: bool, n_cuts: int) -> None:
     rng = np.random.default_rng(seed)
     scores = rng.standard_normal((q, n)).astype(np.float32)
     if levels:
@@ -121,9 +115,7 @@ def test_query_requires_positive_top_k() -> None:
         (SearchFilter(category="a", max_price=5), "a", 4.99, True),
     ],
 )
-def test_search_filter_matches(
-    flt: SearchFilter, category: str | None, price: float | None, expected: bool
-) -> None:
+def test_search_filter_matches(flt: SearchFilter, category: str | None, price: float | None, expected: bool) -> None:
     assert flt.matches(category, price) is expected
 
 
@@ -146,7 +138,9 @@ def test_filter_mask_agrees_with_matches(seed: int, n: int) -> None:
         return None if rng.random() < 0.4 else round(float(rng.uniform(0, 100)), 2)
 
     filters = [
-        None if rng.random() < 0.2 else SearchFilter(
+        None
+        if rng.random() < 0.2
+        else SearchFilter(
             category=None if rng.random() < 0.4 else ["a", "b", "zz"][rng.integers(3)],
             min_price=bound(),
             max_price=bound(),

@@ -81,7 +81,9 @@ async def test_secrets_stay_out_of_logs_replies_dead_letters_and_metrics(
         monkeypatch.setenv(name, value)
     settings = load_settings(_env_file=None)
     assert settings.kafka_ssl_key_password.get_secret_value() == CLIENT_KEY_PASSWORD, "the _FILE secret was not read"
-    await create_topics(settings, [topics[k] for k in ("SEARCH_REQUESTS_TOPIC", "PRODUCT_UPDATES_TOPIC", "REPLY_TOPIC", "DEAD_LETTER_TOPIC")])
+    await create_topics(
+        settings, [topics[k] for k in ("SEARCH_REQUESTS_TOPIC", "PRODUCT_UPDATES_TOPIC", "REPLY_TOPIC", "DEAD_LETTER_TOPIC")]
+    )
 
     services = []
     real_build = app.build_service
@@ -179,7 +181,10 @@ def test_configuration_errors_never_echo_secrets(monkeypatch, tmp_path):
                 Settings(_env_file=None)
             assert_no_secret(f"ValidationError for {case}", str(raw.value))
     settings = Settings(
-        _env_file=None, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u",
+        _env_file=None,
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="u",
         kafka_ssl_key_password=None,
     )
     for rendered in (repr(settings), str(settings), json.dumps(settings.safe_dump()), settings.model_dump_json()):

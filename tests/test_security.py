@@ -45,12 +45,15 @@ def settings(**values) -> Settings:
 
 
 def sasl(**values) -> dict:
-    return dict(
-        kafka_security_protocol="SASL_SSL",
-        kafka_sasl_mechanism="SCRAM-SHA-512",
-        kafka_sasl_username="svc-clip",
-        kafka_sasl_password=PASSWORD,
-    ) | values
+    return (
+        dict(
+            kafka_security_protocol="SASL_SSL",
+            kafka_sasl_mechanism="SCRAM-SHA-512",
+            kafka_sasl_username="svc-clip",
+            kafka_sasl_password=PASSWORD,
+        )
+        | values
+    )
 
 
 def test_plaintext_is_the_default_and_adds_nothing():
@@ -143,7 +146,12 @@ def test_mongo_secret_files(tmp_path):
         ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "not_pem"}, "KAFKA_SSL_CA_FILE: no usable CA certificate"),
         ({"kafka_security_protocol": "SSL", "kafka_ssl_key_file": "client.key"}, "KAFKA_SSL_KEY_FILE is set without KAFKA_SSL_CERT_FILE"),
         (
-            {"kafka_security_protocol": "SSL", "kafka_ssl_cert_file": "client.cert", "kafka_ssl_key_file": "client.key", "kafka_ssl_key_password": "wrong"},
+            {
+                "kafka_security_protocol": "SSL",
+                "kafka_ssl_cert_file": "client.cert",
+                "kafka_ssl_key_file": "client.key",
+                "kafka_ssl_key_password": "wrong",
+            },
             "KAFKA_SSL_KEY_PASSWORD",
         ),
         (
@@ -164,8 +172,11 @@ def test_mongo_secret_files(tmp_path):
 )
 def test_misconfiguration_fails_at_load_naming_the_variable(certs, values, names):
     paths = {
-        "ca": certs["ca"], "missing": certs["missing"], "not_pem": certs["not_pem"],
-        "client.cert": certs["client"].cert, "client.key": certs["client"].key,
+        "ca": certs["ca"],
+        "missing": certs["missing"],
+        "not_pem": certs["not_pem"],
+        "client.cert": certs["client"].cert,
+        "client.key": certs["client"].key,
     }
     resolved = {k: (paths.get(v, v) if isinstance(v, str) and (k.endswith("_file")) else v) for k, v in values.items()}
     started = time.monotonic()
@@ -214,7 +225,10 @@ async def test_mongo_client_builds_an_async_client_lazily():
         ("mongodb://user:s3cr%40t@db:27017/app", "mongodb://user:***@db:27017/app"),
         ("mongodb://user:p@ss@h1:1,h2:2/?replicaSet=rs", "mongodb://user:***@h1:1,h2:2/?replicaSet=rs"),
         ("mongodb+srv://user:pw@cluster.example/db?retryWrites=true", "mongodb+srv://user:***@cluster.example/db?retryWrites=true"),
-        ("mongodb://db:27017/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tok", "mongodb://db:27017/?authMechanism=MONGODB-AWS&authMechanismProperties=***"),
+        (
+            "mongodb://db:27017/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tok",
+            "mongodb://db:27017/?authMechanism=MONGODB-AWS&authMechanismProperties=***",
+        ),
         ("mongodb://db/?tls=true&tlsCertificateKeyFilePassword=pw", "mongodb://db/?tls=true&tlsCertificateKeyFilePassword=***"),
         ("mongodb://user@db/", "mongodb://user@db/"),
         ("mongodb://db:27017", "mongodb://db:27017"),

@@ -74,7 +74,9 @@ async def test_restart_reads_only_features_newer_than_the_snapshot(settings_for,
 
         restarted._join_group = join_and_ask_readiness
         async with running(restarted):
-            assert seen_while_joining[0] == "feature index still catching up with the features topic", "the group join did not overlap the catch-up"
+            assert seen_while_joining[0] == "feature index still catching up with the features topic", (
+                "the group join did not overlap the catch-up"
+            )
             assert await readiness(restarted) is None
             sample = restarted.metrics.registry.get_sample_value
             assert sample("clip_search_index_snapshot_timestamp_seconds") == follower.snapshot_file.path.stat().st_mtime
@@ -115,7 +117,9 @@ async def test_a_snapshot_the_topic_does_not_match_is_discarded(settings_for, st
     assert replaced is not None and sorted(replaced.state.ids) == sorted(replica.index.ids()), "the discarded snapshot was not replaced"
 
     file.path.write_bytes(b"PK\x03\x04 damaged")
-    again = build_service(settings_for(role=Role.SEARCH, index_snapshot_dir=str(tmp_path), consumer_group_id=topics["consumer_group_id"] + "-2"))
+    again = build_service(
+        settings_for(role=Role.SEARCH, index_snapshot_dir=str(tmp_path), consumer_group_id=topics["consumer_group_id"] + "-2")
+    )
     async with running(again):
         assert not again.follower.snapshot_loaded
         assert len(again.index) == 3

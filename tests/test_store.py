@@ -137,9 +137,7 @@ async def test_concurrent_writers_keep_newest(store: ProductStore, mongo: MongoS
     writes = [(pid, v) for pid in ids for v in range(1, 31)]
     rng.shuffle(writes)
     try:
-        applied = await asyncio.gather(
-            *[(store if i % 2 else other).upsert(meta(pid, v), f, MODEL) for i, (pid, v) in enumerate(writes)]
-        )
+        applied = await asyncio.gather(*[(store if i % 2 else other).upsert(meta(pid, v), f, MODEL) for i, (pid, v) in enumerate(writes)])
     finally:
         await other.close()
     assert await store.get_versions(ids) == {pid: (30, MODEL, False) for pid in ids}
@@ -250,9 +248,7 @@ def grid_catalog() -> tuple[list[ProductMeta], np.ndarray]:
     return catalog(rng, 2000), grid_products(rng, 2000)
 
 
-async def test_search_equals_feature_index(
-    store: ProductStore, grid_catalog: tuple[list[ProductMeta], np.ndarray]
-) -> None:
+async def test_search_equals_feature_index(store: ProductStore, grid_catalog: tuple[list[ProductMeta], np.ndarray]) -> None:
     """Identical ids, order, scores and metadata on data whose float16 copy is exact.
 
     Products are float16-exact unit vectors and queries lie on a 2**-8 grid, so every
@@ -303,12 +299,10 @@ async def test_search_general_data(store: ProductStore) -> None:
     await fill(store, metas, features)
     for params in QUERY_BATCHES:
         queries = unit(rng, len(params))
-        exact = (queries.astype(np.float64) @ features.T.astype(np.float64))
+        exact = queries.astype(np.float64) @ features.T.astype(np.float64)
         got = await store.search(queries, params, MODEL, chunk_rows=500)
         for r, (p, hits) in enumerate(zip(params, got, strict=True)):
-            ok = np.array(
-                [p.filter is None or p.filter.matches(m.category, m.price) for m in metas], dtype=bool
-            )
+            ok = np.array([p.filter is None or p.filter.matches(m.category, m.price) for m in metas], dtype=bool)
             scores = exact[r]
             ids = [int(h.product_id[1:]) for h, _ in hits]
             assert len(set(ids)) == len(ids) <= p.top_k

@@ -86,7 +86,9 @@ async def test_stale_and_duplicate_events_leave_the_newest_version(settings_for,
             publish(broker.bootstrap, topics["product_updates_topic"], events[half:], key_field="product_id"),
         )
         await wait_for(lambda: all(service.index.version_of(p) == 5 for p in ids), what="newest versions indexed")
-        await publish(broker.bootstrap, topics["product_updates_topic"], [{"product_id": "s-0", "version": 3, "name": "late"}], "product_id")
+        await publish(
+            broker.bootstrap, topics["product_updates_topic"], [{"product_id": "s-0", "version": 3, "name": "late"}], "product_id"
+        )
         marker = {"product_id": "marker", "version": 1, "name": "marker"}
         await publish(broker.bootstrap, topics["product_updates_topic"], [marker], "product_id")
         await wait_for(lambda: "marker" in service.index, what="marker indexed")
@@ -110,14 +112,20 @@ async def test_two_search_replicas_and_one_ingest_share_the_load(settings_for, s
             await publish(broker.bootstrap, topics["product_updates_topic"], [late], key_field="product_id")
             await wait_for(lambda: all("late-1" in r.index for r in replicas), what="late product on both replicas")
             async with SearchClient(broker.bootstrap, topics["search_requests_topic"], topics["reply_topic"]) as client:
-                waiters = [await client.send({"request_id": f"split-{n}", "query_text": "Glass teapot with infuser", "top_k": 1}) for n in range(60)]
+                waiters = [
+                    await client.send({"request_id": f"split-{n}", "query_text": "Glass teapot with infuser", "top_k": 1})
+                    for n in range(60)
+                ]
                 replies = await asyncio.wait_for(asyncio.gather(*waiters), 60)
                 assert all(r["items"][0]["product_id"] == "late-1" for r in replies)
                 assert all(r.replies_sent > 0 for r in replicas), "one replica answered everything"
 
                 await second.aclose()
                 await wait_for(lambda: len(replicas[0].assignment) == 3, timeout=60, what="partitions moved to the survivor")
-                more = [await client.send({"request_id": f"after-{n}", "query_text": product_text(TEXT_PRODUCTS[n % 8]), "top_k": 1}) for n in range(30)]
+                more = [
+                    await client.send({"request_id": f"after-{n}", "query_text": product_text(TEXT_PRODUCTS[n % 8]), "top_k": 1})
+                    for n in range(30)
+                ]
                 after = await asyncio.wait_for(asyncio.gather(*more), 60)
                 assert all(r["status"] == "ok" for r in after)
     records = await read_topic_records(broker.bootstrap, topics["reply_topic"])
@@ -139,7 +147,9 @@ async def test_products_stored_by_another_model_are_reencoded_not_mixed_in(setti
     rng = np.random.default_rng(0)
     await service.store.ensure_indexes()
     await service.store.upsert(ProductMeta("old-text", 3, "Old text product", "", "misc", 1.0), rng.normal(size=77), "another-model")
-    await service.store.upsert(ProductMeta("old-image", 4, "Old image product", "", "misc", 2.0), rng.normal(size=77), "another-model", image_bytes)
+    await service.store.upsert(
+        ProductMeta("old-image", 4, "Old image product", "", "misc", 2.0), rng.normal(size=77), "another-model", image_bytes
+    )
     async with running(service):
         assert service.product_handler.encoded_products == 2
         assert {pid: service.index.version_of(pid) for pid in ("old-text", "old-image")} == {"old-text": 3, "old-image": 4}

@@ -36,7 +36,10 @@ async def test_a_task_under_the_exit_policy_that_dies_requests_a_stop_with_its_e
     supervisor.start("health-server", dies, Policy.EXIT)
     await wait_for(lambda: codes, timeout=5, what="a stop request")
     assert codes == [EXIT_TASK_FAILED]
-    assert supervisor.reason == f"background task health-server failed: RuntimeError('boom'); stopping the replica (exit code {EXIT_TASK_FAILED})"
+    assert (
+        supervisor.reason
+        == f"background task health-server failed: RuntimeError('boom'); stopping the replica (exit code {EXIT_TASK_FAILED})"
+    )
     assert registry.get_sample_value(FAILURES, {"task": "health-server"}) == 1
     [record] = supervisor_errors(caplog)
     assert record.exc_info[0] is RuntimeError and record.getMessage() == supervisor.reason

@@ -51,7 +51,9 @@ async def start_error(settings: Settings) -> str:
 async def test_service_searches_end_to_end_over_tls(pki, tls_kafka, tiny_model):
     topics = topic_names()
     settings = ssl_settings(pki, tls_kafka, clip_model=tiny_model, **topics)
-    await create_topics(settings, [topics[k] for k in ("search_requests_topic", "product_updates_topic", "reply_topic", "dead_letter_topic")])
+    await create_topics(
+        settings, [topics[k] for k in ("search_requests_topic", "product_updates_topic", "reply_topic", "dead_letter_topic")]
+    )
     service = build_service(settings)
     products = [
         {"product_id": "p-1", "version": 1, "name": "Red cotton t-shirt", "category": "apparel"},
@@ -61,7 +63,9 @@ async def test_service_searches_end_to_end_over_tls(pki, tls_kafka, tiny_model):
     async with running(service):
         await producer.start()
         try:
-            await publish_all(producer, [Outbound(topics["product_updates_topic"], json.dumps(p).encode(), p["product_id"].encode()) for p in products])
+            await publish_all(
+                producer, [Outbound(topics["product_updates_topic"], json.dumps(p).encode(), p["product_id"].encode()) for p in products]
+            )
             await wait_for(lambda: len(service.index) == 2, what="products indexed over TLS")
             request = {"request_id": "tls-1", "query_text": "Steel kettle", "top_k": 1, "reply_to": topics["reply_topic"]}
             await publish_all(producer, [Outbound(topics["search_requests_topic"], json.dumps(request).encode(), b"tls-1")])

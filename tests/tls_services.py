@@ -162,7 +162,6 @@ async def read_topic(settings: Settings, topic: str, count: int, timeout: float 
         await consumer.stop()
 
 
-
 @pytest.fixture(scope="session")
 def sasl_broker():
     """Tansu with ``--authentication``: only clients that complete a SASL handshake may talk to it.

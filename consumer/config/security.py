@@ -156,15 +156,12 @@ class KafkaSecuritySettings(_SecretFiles):
         if protocol not in TLS_PROTOCOLS:
             for name in tls_fields:
                 if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"{_env(name)} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS (use SSL or SASL_SSL)"
-                    )
+                    raise ValueError(f"{_env(name)} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS (use SSL or SASL_SSL)")
         if protocol not in SASL_PROTOCOLS:
             for name in sasl_fields:
                 if getattr(self, name) is not None:
                     raise ValueError(
-                        f"{_env(name)} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL "
-                        "(use SASL_SSL or SASL_PLAINTEXT)"
+                        f"{_env(name)} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL (use SASL_SSL or SASL_PLAINTEXT)"
                     )
         else:
             for name in sasl_fields:
@@ -221,7 +218,9 @@ class MongoSecuritySettings(_SecretFiles):
             try:
                 ssl.create_default_context(cafile=str(self.mongodb_tls_ca_file))
             except ssl.SSLError as exc:
-                raise ValueError(f"MONGODB_TLS_CA_FILE: no usable CA certificate in {self.mongodb_tls_ca_file} ({_ssl_reason(exc)})") from None
+                raise ValueError(
+                    f"MONGODB_TLS_CA_FILE: no usable CA certificate in {self.mongodb_tls_ca_file} ({_ssl_reason(exc)})"
+                ) from None
         if self.mongodb_tls_cert_key_file is not None:
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
@@ -468,9 +467,7 @@ async def check_kafka_tls(settings: SecuritySettings, timeout: float = 10.0) -> 
     definitive, transient = [], []
     for host, port, _ in collect_hosts(getattr(settings, "kafka_bootstrap_servers")):
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout
-            )
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout)
         except (OSError, TimeoutError) as exc:
             (definitive if _is_definitive(exc) else transient).append(_describe_tls_failure(exc, host, port))
             continue

@@ -130,9 +130,7 @@ class Settings(SecuritySettings, BaseSettings):
     @property
     def own_topics(self) -> frozenset[str]:
         """Every topic the service reads or writes for itself; a reply may never be written to one."""
-        return frozenset(
-            {self.search_requests_topic, self.product_updates_topic, self.features_topic, self.dead_letter_topic}
-        )
+        return frozenset({self.search_requests_topic, self.product_updates_topic, self.features_topic, self.dead_letter_topic})
 
     def reply_topic_allowed(self, topic: str) -> bool:
         """The default reply topic always; any other unless it is one of ``own_topics`` or misses ``REPLY_TOPIC_PATTERN``."""
@@ -148,8 +146,8 @@ class Settings(SecuritySettings, BaseSettings):
 
 
 RETIRED_VARIABLES = {
-    "DLQ_MAX_RATIO": "client errors no longer stop a replica; alert on clip_search_errors_total{owner=\"client\"} instead",
-    "DLQ_WINDOW": "client errors no longer stop a replica; alert on clip_search_errors_total{owner=\"client\"} instead",
+    "DLQ_MAX_RATIO": 'client errors no longer stop a replica; alert on clip_search_errors_total{owner="client"} instead',
+    "DLQ_WINDOW": 'client errors no longer stop a replica; alert on clip_search_errors_total{owner="client"} instead',
 }
 """Variables earlier versions read, with why they are ignored now."""
 

@@ -121,6 +121,13 @@ def is_dependency_outage(exc: BaseException) -> bool:
     from pymongo.errors import AutoReconnect, ConnectionFailure, ExecutionTimeout, NetworkTimeout, ServerSelectionTimeoutError
 
     outage = (
-        OSError, TimeoutError, KafkaError, ConnectionFailure, AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout
+        OSError,
+        TimeoutError,
+        KafkaError,
+        ConnectionFailure,
+        AutoReconnect,
+        NetworkTimeout,
+        ServerSelectionTimeoutError,
+        ExecutionTimeout,
     )
     return isinstance(exc, outage)

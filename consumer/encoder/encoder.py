@@ -63,9 +63,7 @@ class Encoder:
         self.random_weights = random_weights
         self._slots = {"text": _Slot(), "vision": _Slot()}
         if random_weights:
-            log.warning(
-                "MODEL %s HAS RANDOM WEIGHTS: rankings are meaningless except for exact matches", model_id
-            )
+            log.warning("MODEL %s HAS RANDOM WEIGHTS: rankings are meaningless except for exact matches", model_id)
 
     def _tower(self, name: str) -> Tower:
         slot = self._slots[name]

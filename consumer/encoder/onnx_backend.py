@@ -67,8 +67,17 @@ def session_options(threads: int | None, *, arena: bool = True, mmap: bool = Fal
 class _OrtTower:
     """One ONNX Runtime session; ``nbytes`` is the size of the model file it was loaded from."""
 
-    def __init__(self, onnx_dir: Path, manifest: dict[str, Any], name: str, threads: int | None,
-                 max_batch: int, arena: bool, arena_shrink: bool, mmap: bool) -> None:
+    def __init__(
+        self,
+        onnx_dir: Path,
+        manifest: dict[str, Any],
+        name: str,
+        threads: int | None,
+        max_batch: int,
+        arena: bool,
+        arena_shrink: bool,
+        mmap: bool,
+    ) -> None:
         entry = manifest["towers"].get(name)
         if not entry:
             raise FileNotFoundError(f"{onnx_dir} has no exported {name} tower (towers: {sorted(manifest['towers'])})")
@@ -81,8 +90,9 @@ class _OrtTower:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @staticmethod
-    def _open(onnx_dir: Path, manifest: dict[str, Any], entry: dict[str, Any], threads: int | None,
-              arena: bool, mmap: bool) -> tuple[ort.InferenceSession, Path]:
+    def _open(
+        onnx_dir: Path, manifest: dict[str, Any], entry: dict[str, Any], threads: int | None, arena: bool, mmap: bool
+    ) -> tuple[ort.InferenceSession, Path]:
         ort_file = entry.get("ort_file")
         same_runtime = (manifest.get("versions") or {}).get("onnxruntime") == ort.__version__
         if mmap and ort_file and same_runtime and (onnx_dir / ort_file).is_file():
@@ -153,8 +163,7 @@ class OnnxVisionTower(_OrtTower):
         if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"pixels must be [n, 3, {size}, {size}], got {list(pixels.shape)}")
         parts = [
-            self._run({"pixel_values": np.ascontiguousarray(pixels[i : i + self.max_batch])})
-            for i in range(0, len(pixels), self.max_batch)
+            self._run({"pixel_values": np.ascontiguousarray(pixels[i : i + self.max_batch])}) for i in range(0, len(pixels), self.max_batch)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
@@ -172,8 +181,16 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, onnx_dir: str, threads: int | None = None, *, max_batch: int = 8,
-                 arena: bool = True, arena_shrink: bool = True, mmap: bool = True) -> None:
+    def __init__(
+        self,
+        onnx_dir: str,
+        threads: int | None = None,
+        *,
+        max_batch: int = 8,
+        arena: bool = True,
+        arena_shrink: bool = True,
+        mmap: bool = True,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.onnx_dir = Path(onnx_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _import_torch(threads: int | None):
     import torch
     from transformers.utils import logging as hf_logging

@@ -165,13 +165,7 @@ class FeatureIndex:
         Excludes Python objects (ProductMeta, id strings, dicts) and the search
         scratch buffer (chunk_rows x dim float32, only for float16/int8).
         """
-        total = (
-            self._matrix.nbytes
-            + self._categories.nbytes
-            + self._prices.nbytes
-            + self._alive.nbytes
-            + self._slot_ids.nbytes
-        )
+        total = self._matrix.nbytes + self._categories.nbytes + self._prices.nbytes + self._alive.nbytes + self._slot_ids.nbytes
         if self._scales is not None:
             total += self._scales.nbytes
         return total
@@ -247,9 +241,7 @@ class FeatureIndex:
             self._write_rows(row_of_slot, metas, vectors, norms)
         return UpsertReport(applied, stale, tuple(invalid))
 
-    def _write_rows(
-        self, row_of_slot: dict[int, int], metas: Sequence[ProductMeta], vectors: np.ndarray, norms: np.ndarray
-    ) -> None:
+    def _write_rows(self, row_of_slot: dict[int, int], metas: Sequence[ProductMeta], vectors: np.ndarray, norms: np.ndarray) -> None:
         slots = np.fromiter(row_of_slot.keys(), dtype=np.intp, count=len(row_of_slot))
         rows = np.fromiter(row_of_slot.values(), dtype=np.intp, count=len(row_of_slot))
         unit = vectors[rows] / norms[rows].astype(np.float32)[:, None]
@@ -295,9 +287,7 @@ class FeatureIndex:
         self._free.append(slot)
         return True
 
-    def search(
-        self, queries: np.ndarray, params: Sequence[Query]
-    ) -> list[list[tuple[Hit, ProductMeta]]]:
+    def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]:
         """Top-k live products per query by dot product with queries [q, dim].
 
         Queries are assumed L2-normalised. Results per query are ordered by score
@@ -316,9 +306,7 @@ class FeatureIndex:
             alive = self._alive[start:end]
             if not alive.any():
                 continue
-            mask = filter_mask(
-                filters, self._categories[start:end], self._prices[start:end], self._category_codes
-            )
+            mask = filter_mask(filters, self._categories[start:end], self._prices[start:end], self._category_codes)
             if mask is not None:
                 mask &= alive
                 if not mask.any():
@@ -404,8 +392,14 @@ class FeatureIndex:
         self._free = np.flatnonzero(~self._alive[:used])[::-1].tolist()
         prices = state.prices[live].tolist()
         for slot, pid, version, name, description, code, price in zip(
-            live.tolist(), state.ids, state.versions.tolist(), state.names, state.descriptions,
-            codes[live].tolist(), prices, strict=True,
+            live.tolist(),
+            state.ids,
+            state.versions.tolist(),
+            state.names,
+            state.descriptions,
+            codes[live].tolist(),
+            prices,
+            strict=True,
         ):
             category = None if code == _NO_CATEGORY else state.category_names[code]
             self._metas[slot] = ProductMeta(pid, version, name, description, category, None if math.isnan(price) else price)

@@ -73,9 +73,7 @@ class FeatureFollower:
         self._consumer = None
         self._supervisor: Supervisor | None = None
 
-    async def start(
-        self, connect: Callable[[Any], Awaitable[None]] | None = None, partitions_timeout_s: float = 30.0
-    ) -> None:
+    async def start(self, connect: Callable[[Any], Awaitable[None]] | None = None, partitions_timeout_s: float = 30.0) -> None:
         """Connect, assign every partition of the features topic and seek to the snapshot's offsets (or the beginning).
 
         ``connect(client)`` starts the consumer (the service passes ``start_kafka_client`` wrapped in
@@ -136,7 +134,11 @@ class FeatureFollower:
             self.metrics.index_snapshot_timestamp.set(self.snapshot_file.path.stat().st_mtime)
         log.info(
             "loaded the index snapshot of %s: %d products in %.2f s, reading %s from offsets %s",
-            snapshot.created, len(self.index), time.monotonic() - started, self.settings.features_topic, snapshot.offsets,
+            snapshot.created,
+            len(self.index),
+            time.monotonic() - started,
+            self.settings.features_topic,
+            snapshot.offsets,
         )
         return snapshot.offsets
 
@@ -271,7 +273,10 @@ class FeatureFollower:
         release_memory()
         log.info(
             "wrote the index snapshot %s: %d products, %.1f MB in %.2f s",
-            self.snapshot_file.path, len(self.index), size / 1e6, time.monotonic() - started,
+            self.snapshot_file.path,
+            len(self.index),
+            size / 1e6,
+            time.monotonic() - started,
         )
         return True
 

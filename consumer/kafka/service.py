@@ -116,9 +116,7 @@ class Service:
         limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.index_lock = asyncio.Lock()
         ranker = (
-            IndexRanker(index, self.index_lock)
-            if index is not None
-            else StoreRanker(store, encoder.model_id, settings.store_chunk_rows)
+            IndexRanker(index, self.index_lock) if index is not None else StoreRanker(store, encoder.model_id, settings.store_chunk_rows)
         )
         self.search_handler = SearchHandler(
             encoder,
@@ -243,8 +241,12 @@ class Service:
         async for meta, image in self.store.iter_stale_model_products(self.encoder.model_id):
             pending.append(
                 ProductUpdated(
-                    product_id=meta.product_id, version=meta.version, name=meta.name, description=meta.description,
-                    category=meta.category, price=meta.price,
+                    product_id=meta.product_id,
+                    version=meta.version,
+                    name=meta.name,
+                    description=meta.description,
+                    category=meta.category,
+                    price=meta.price,
                     image_b64=base64.b64encode(image).decode() if image else None,
                 )
             )
@@ -324,7 +326,10 @@ class Service:
             self._resume_due_partitions()
             try:
                 records = await collect_batch(
-                    self._fetch, self.settings.max_batch_size, self.settings.max_batch_wait_s, idle_timeout_s=0.5,
+                    self._fetch,
+                    self.settings.max_batch_size,
+                    self.settings.max_batch_wait_s,
+                    idle_timeout_s=0.5,
                     stop=lambda: self._stopping.is_set() or self._revoking.is_set(),
                 )
                 self.polls += 1
@@ -355,8 +360,13 @@ class Service:
                 self.metrics.partitions_retrying.set(len(self.retrying))
                 self.batches += 1
                 self.metrics.observe_batch(
-                    records, outbound, products_applied=report.products_applied, products_stale=report.products_stale,
-                    rewind=report.rewind, started=started, acknowledged_at=acknowledged_at,
+                    records,
+                    outbound,
+                    products_applied=report.products_applied,
+                    products_stale=report.products_stale,
+                    rewind=report.rewind,
+                    started=started,
+                    acknowledged_at=acknowledged_at,
                 )
                 self.replies_sent += report.replies + report.error_replies
             finally:

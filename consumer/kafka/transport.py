@@ -45,7 +45,11 @@ class Outbound:
 TOO_LARGE: tuple[type[BaseException], ...] = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 """The message is larger than the producer or the broker accepts."""
 REFUSED_TOPIC: tuple[type[BaseException], ...] = (
-    UnknownTopicOrPartitionError, TopicAuthorizationFailedError, InvalidTopicError, PolicyViolationError, TimeoutError
+    UnknownTopicOrPartitionError,
+    TopicAuthorizationFailedError,
+    InvalidTopicError,
+    PolicyViolationError,
+    TimeoutError,
 )
 """The topic is unknown (or not in the metadata in time), forbidden, or refused by a broker policy."""
 

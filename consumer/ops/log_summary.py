@@ -29,9 +29,7 @@ class RepeatSummary(logging.Filter):
     The record that carries a summary is modified in place (message, arguments, traceback).
     """
 
-    def __init__(
-        self, window_s: float = 5.0, prefixes: Iterable[str] = PREFIXES, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, window_s: float = 5.0, prefixes: Iterable[str] = PREFIXES, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.window_s = window_s
         self.prefixes = tuple(prefixes)

@@ -118,9 +118,7 @@ def _cgroup_dirs(proc_cgroup: Path, root: Path) -> list[tuple[str, Path, str]]:
 def _cgroup(proc_cgroup: Path, root: Path) -> tuple[int | None, int | None]:
     """(usage, limit) of this process's memory cgroup; limit None when unlimited; both None when not confined."""
     for version, directory, path in _cgroup_dirs(proc_cgroup, root):
-        usage_file, limit_file = (
-            ("memory.current", "memory.max") if version == "v2" else ("memory.usage_in_bytes", "memory.limit_in_bytes")
-        )
+        usage_file, limit_file = ("memory.current", "memory.max") if version == "v2" else ("memory.usage_in_bytes", "memory.limit_in_bytes")
         usage = _read_int(directory / usage_file)
         if usage is None:
             continue

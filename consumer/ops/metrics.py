@@ -140,9 +140,7 @@ class ServiceMetrics:
 
         self.info = Info(f"{PREFIX}_service", "Static facts about this replica.", registry=r)
         self.info.info(labels or {})
-        self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Records per micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
-        )
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Records per micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_duration = Histogram(
             f"{PREFIX}_batch_duration_seconds",
             "Time from a batch being collected to its offsets being committed.",
@@ -172,7 +170,9 @@ class ServiceMetrics:
             ["code", "owner"],
             registry=r,
         )
-        self.dead_letters = Counter(f"{PREFIX}_dead_letters", "Records published to the dead-letter topic, by error code.", ["code"], registry=r)
+        self.dead_letters = Counter(
+            f"{PREFIX}_dead_letters", "Records published to the dead-letter topic, by error code.", ["code"], registry=r
+        )
         self.partitions_retrying = Gauge(
             f"{PREFIX}_partitions_retrying",
             "Assigned partitions paused to retry records whose processing failed (store down, poison record).",

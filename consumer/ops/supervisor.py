@@ -92,9 +92,7 @@ class Supervisor:
         """Why the replica is not ready because of a background task (the oldest such failure), or None."""
         return next(iter(self._reasons.values()), None)
 
-    def start(
-        self, name: str, factory: Callable[[], Awaitable[object]], policy: Policy, *, reports_recovery: bool = False
-    ) -> None:
+    def start(self, name: str, factory: Callable[[], Awaitable[object]], policy: Policy, *, reports_recovery: bool = False) -> None:
         """Run ``await factory()`` as task ``name`` under ``policy`` (call from a running event loop)."""
         if name in self._tasks:
             raise ValueError(f"background task {name!r} is already supervised")

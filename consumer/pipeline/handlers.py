@@ -32,7 +32,17 @@ from consumer.domain.errors import (
 from consumer.index.feature_index import FeatureIndex, ProductMeta
 from consumer.encoder.images import ImageLimits, pixels_from_base64
 from consumer.index.ranking import Hit, Query, SearchFilter
-from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductFeature, ProductUpdated, ResultItem, SearchRequest, SearchResult, Timings
+from schemas import (
+    SCHEMA_VERSION,
+    ErrorDetail,
+    ErrorReply,
+    ProductFeature,
+    ProductUpdated,
+    ResultItem,
+    SearchRequest,
+    SearchResult,
+    Timings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +125,7 @@ def product_text(update: ProductUpdated) -> str:
     return ". ".join(parts)
 
 
-async def encode_rows(
-    encoder: Encoder, texts: list[tuple[int, str]], images: list[tuple[int, np.ndarray]]
-) -> list[tuple[int, np.ndarray]]:
+async def encode_rows(encoder: Encoder, texts: list[tuple[int, str]], images: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
     """(row, embedding) for every text and image, in one batched call per modality, off the event loop."""
     out: list[tuple[int, np.ndarray]] = []
     if texts:

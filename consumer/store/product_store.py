@@ -112,9 +112,7 @@ class ProductStore:
         """
         return await self._apply(_upsert_write(meta, feature, model_id, image))
 
-    async def upsert_many(
-        self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str
-    ) -> list[bool]:
+    async def upsert_many(self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str) -> list[bool]:
         """Bulk `upsert` in one round trip (plus one per conflict); result i says whether items[i] was applied.
 
         The newest version of each id wins whatever order the server applies the
@@ -126,9 +124,7 @@ class ProductStore:
             return []
         applied = [True] * len(writes)
         try:
-            await self._collection.bulk_write(
-                [UpdateOne(w.older, w.update, upsert=True) for w in writes], ordered=False
-            )
+            await self._collection.bulk_write([UpdateOne(w.older, w.update, upsert=True) for w in writes], ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors):
@@ -174,18 +170,14 @@ class ProductStore:
         """Live products whose feature was computed by `model_id`."""
         return await self._collection.count_documents({"model_id": model_id, "deleted": False})
 
-    async def iter_products(
-        self, model_id: str, batch_size: int = 2048
-    ) -> AsyncIterator[tuple[ProductMeta, np.ndarray]]:
+    async def iter_products(self, model_id: str, batch_size: int = 2048) -> AsyncIterator[tuple[ProductMeta, np.ndarray]]:
         """Every live product of `model_id` with its float32 feature (unordered).
 
         Products encoded by another model are not yielded: list them with
         `stale_model_ids` and re-encode them.
         """
         projection = {**_META_PROJECTION, "feature": 1}
-        cursor = self._collection.find(
-            {"model_id": model_id, "deleted": False}, projection, batch_size=batch_size
-        )
+        cursor = self._collection.find({"model_id": model_id, "deleted": False}, projection, batch_size=batch_size)
         try:
             async for doc in cursor:
                 feature = np.frombuffer(doc["feature"], dtype=FEATURE_DTYPE).astype(np.float32)
@@ -193,9 +185,7 @@ class ProductStore:
         finally:
             await cursor.close()
 
-    async def iter_product_chunks(
-        self, model_id: str, rows: int = 2048
-    ) -> AsyncIterator[tuple[list[ProductMeta], np.ndarray]]:
+    async def iter_product_chunks(self, model_id: str, rows: int = 2048) -> AsyncIterator[tuple[list[ProductMeta], np.ndarray]]:
         """``iter_products`` in chunks of up to ``rows``: (metas, float32 features [len(metas), dim])."""
         metas: list[ProductMeta] = []
         features: list[np.ndarray] = []
@@ -354,9 +344,7 @@ class _ChunkScorer:
         self.topk.push(scores, [doc["_id"] for doc in docs], mask)
 
 
-def _scan_selector(
-    model_id: str, filters: list[SearchFilter | None]
-) -> tuple[dict[str, Any], bool]:
+def _scan_selector(model_id: str, filters: list[SearchFilter | None]) -> tuple[dict[str, Any], bool]:
     """Mongo selector for the scan and whether rows still need a per-query mask.
 
     A filter shared by every query is pushed down whole; distinct filters are

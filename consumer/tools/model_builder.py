@@ -65,11 +65,7 @@ REQUIRED_FILES: tuple[str, ...] = (
 
 def bytes_to_unicode() -> dict[int, str]:
     """Return CLIP/GPT-2's reversible byte -> printable-unicode-char table (256 entries, fixed order)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -105,9 +101,7 @@ def write_vocab_files(directory: Path, bpe_path: Path = BPE_PATH) -> tuple[Path,
     vocab_file = directory / "vocab.json"
     merges_file = directory / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
     return vocab_file, merges_file
 
 

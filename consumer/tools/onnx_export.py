@@ -67,9 +67,7 @@ def _source_fingerprint(model: str) -> dict[str, Any]:
     if not directory.is_dir():
         return {"hub_id": model}
     config = directory / "config.json"
-    weights = sorted(
-        p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()
-    )
+    weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     return {
         "path": str(directory.resolve()),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
@@ -95,9 +93,7 @@ def _normalise_towers(towers: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(t for t in TOWERS if t in towers)
 
 
-def is_current(
-    model_dir: str, out_dir: str | os.PathLike[str], towers: Sequence[str] = TOWERS, quantize: Quantize = "int8"
-) -> bool:
+def is_current(model_dir: str, out_dir: str | os.PathLike[str], towers: Sequence[str] = TOWERS, quantize: Quantize = "int8") -> bool:
     """True iff ``out_dir`` already holds an export of ``model_dir`` with at least ``towers`` at ``quantize``.
 
     Matches on export format, quantization (and its options), the source fingerprint (local
@@ -370,8 +366,17 @@ def export_in_subprocess(
     if is_current(model_dir, out, wanted, quantize):
         return out
     cmd = [
-        sys.executable, "-m", "consumer.tools.onnx_export",
-        "--model", model_dir, "--out", str(out), "--towers", ",".join(wanted), "--quantize", quantize,
+        sys.executable,
+        "-m",
+        "consumer.tools.onnx_export",
+        "--model",
+        model_dir,
+        "--out",
+        str(out),
+        "--towers",
+        ",".join(wanted),
+        "--quantize",
+        quantize,
     ]
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
