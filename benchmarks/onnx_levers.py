@@ -304,6 +304,8 @@ def main() -> int:
         fidelity(rows, Path(tmp))
     clock = "cpu" if args.threads == 1 else "wall"
     print_table(rows, clock)
+    from consumer.encoder.manifest import read_manifest
+
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -313,7 +315,7 @@ def main() -> int:
         "queries": QUERIES,
         "images": IMAGES,
         "model": str(MODEL_DIR.relative_to(REPO)),
-        "manifests": {q: json.loads((d / "export.json").read_text()) for q, d in ONNX_DIRS.items()},
+        "manifests": {q: read_manifest(d) for q, d in ONNX_DIRS.items()},
         "rows": rows,
     }
     REPORT.parent.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,7 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
     from aiokafka import AIOKafkaProducer
     from pymongo import AsyncMongoClient
 
+    from consumer.domain.codecs import encode_feature
     from consumer.store.product_store import ProductStore
     from schemas import ProductFeature
 
@@ -190,9 +191,8 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
         pending = []
         for i in range(n):
             f = fields(i)
-            event = ProductFeature(
-                model_id=model_id, dim=feats.shape[1], feature_b64=base64.b64encode(feats[i].astype("<f2").tobytes()).decode(), **f
-            )
+            dim, feature_b64 = encode_feature(feats[i])
+            event = ProductFeature(model_id=model_id, dim=dim, feature_b64=feature_b64, **f)
             pending.append(await producer.send(TOPICS["FEATURES_TOPIC"], event.model_dump_json().encode(), key=f["product_id"].encode()))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import re
@@ -13,15 +12,19 @@ import sys
 import threading
 from pathlib import Path
 
-from consumer.ops import log_summary
+from consumer.config.redaction import log_effective_config
 from consumer.config.settings import Role, Settings, load_settings, retired_variables
+from consumer.domain.errors import StartupError
 from consumer.encoder.encoder import Encoder
+from consumer.encoder.extras import EXPORT_MODULES, TORCH_BACKEND_MODULES, missing_extra
+from consumer.encoder.manifest import embedding_dim
 from consumer.index.feature_index import FeatureIndex
-from consumer.ops.health import HealthServer
-from consumer.tools.model_builder import is_random_model
-from consumer.config.security import StartupError, log_effective_config, mongo_client
 from consumer.kafka.service import Service
+from consumer.ops import log_summary
+from consumer.ops.health import HealthServer
 from consumer.ops.supervisor import Policy
+from consumer.store.client import mongo_client
+from consumer.tools.model_builder import is_random_model
 
 log = logging.getLogger("consumer")
 
@@ -29,20 +32,6 @@ EXIT_SHUTDOWN_TIMED_OUT = 4
 """Process exit code when some shutdown step did not finish within ``SHUTDOWN_TIMEOUT_S``."""
 TEARDOWN_GRACE_S = 2.0
 """Longest the event loop's own teardown may take after ``serve`` returned before the process exits anyway."""
-
-
-def model_config(model: str) -> dict:
-    """The model's ``config.json`` without importing torch: a local directory, or one small hub download."""
-    local = Path(model) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
-
-
-def embedding_dim(model: str) -> int:
-    return int(model_config(model)["projection_dim"])
 
 
 def onnx_dir_for(settings: Settings) -> Path:
@@ -57,10 +46,15 @@ def onnx_dir_for(settings: Settings) -> Path:
 def build_encoder(settings: Settings) -> Encoder:
     """The encoder for ``ENCODER_BACKEND``; for onnx, exports ``CLIP_MODEL`` once in a child process if needed.
 
+    Raises ``StartupError`` (one line naming the ``export`` extra) when the torch backend or a missing
+    export needs torch/transformers/onnx and they are not installed (``pip install clip-search`` serves only).
+
     The model id recorded with every stored feature names the backend's precision, so features
     of different precisions are never mixed (switching re-encodes the catalog).
     """
     if settings.encoder_backend == "torch":
+        if missing := missing_extra("ENCODER_BACKEND=torch", TORCH_BACKEND_MODULES):
+            raise StartupError(missing)
         from consumer.encoder.torch_backend import TorchBackend
 
         return Encoder(
@@ -73,11 +67,36 @@ def build_encoder(settings: Settings) -> Encoder:
 
     out = onnx_dir_for(settings)
     if not is_current(settings.clip_model, out, quantize=settings.onnx_quantize):
+        purpose = f"CLIP_MODEL={settings.clip_model} has no current ONNX export in {out} (ONNX_DIR), and exporting it"
+        if missing := missing_extra(purpose, EXPORT_MODULES):
+            raise StartupError(missing)
+        check_export_fits(settings, out)
         log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, settings.onnx_quantize, out)
         export_in_subprocess(settings.clip_model, out, quantize=settings.onnx_quantize)
     backend = OnnxBackend(str(out), settings.torch_num_threads)
     suffix = "" if settings.onnx_quantize == "none" else f"#onnx-{settings.onnx_quantize}"
     return Encoder(backend, model_id=settings.clip_model + suffix, random_weights=backend.random_weights)
+
+
+def check_export_fits(settings: Settings, out: Path) -> None:
+    """Raise ``StartupError`` (one line: how to export elsewhere) when exporting ``CLIP_MODEL`` here would
+    need more memory than ``MEMORY_LIMIT_MB`` or the container's cgroup limit allows: an OOM kill on first
+    start, then a restart loop, is what it would otherwise be."""
+    from consumer.ops.memory import cgroup_limit_bytes
+    from consumer.tools.onnx_export import export_memory_need
+
+    need = export_memory_need(settings.clip_model)
+    limits = {"MEMORY_LIMIT_MB": settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None, "the cgroup limit": cgroup_limit_bytes()}
+    known = {name: value for name, value in limits.items() if value}
+    if need is None or not known:
+        return
+    name, limit = min(known.items(), key=lambda item: item[1])
+    if need > limit:
+        raise StartupError(
+            f"exporting CLIP_MODEL={settings.clip_model} to ONNX needs about {need / 2**20:.0f} MB, more than {name} "
+            f"({limit / 2**20:.0f} MB): run `clip-search-export-onnx --model {settings.clip_model} --out {out} "
+            f"--quantize {settings.onnx_quantize}` where memory allows (docker compose: the model-export service), then start again"
+        )
 
 
 def build_store(settings: Settings):

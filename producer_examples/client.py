@@ -15,6 +15,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from consumer.domain.wire import Header
+
 CATALOG = Path(__file__).parent / "catalog" / "products.json"
 
 
@@ -94,7 +96,7 @@ class SearchClient:
             reply = json.loads(record.value)
             reply["_headers"] = {k: v.decode() for k, v in headers.items()}
             self.replies.append(reply)
-            waiter = self._waiters.pop(headers.get("correlation_id", b"").decode(), None)
+            waiter = self._waiters.pop(headers.get(Header.CORRELATION_ID, b"").decode(), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
             else:

@@ -34,7 +34,7 @@ TOPICS = {
 def resolve_model() -> str:
     """``CLIP_MODEL`` if its config can be fetched within 30 s, else a tiny random model (with a loud notice)."""
     wanted = os.environ.get("CLIP_MODEL", "openai/clip-vit-base-patch32")
-    probe = [sys.executable, "-c", "import sys; from consumer.app import model_config; model_config(sys.argv[1])", wanted]
+    probe = [sys.executable, "-c", "import sys; from consumer.encoder.manifest import model_config; model_config(sys.argv[1])", wanted]
     try:
         if subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
             return wanted

@@ -21,6 +21,24 @@ MODEL_CACHE = Path(os.environ.get("CLIP_SEARCH_MODEL_CACHE", REPO / ".cache" / "
 os.environ.setdefault("MODEL_CACHE_DIR", str(REPO / ".cache"))
 
 
+# Fixtures that start a real service (broker, store, ...). ``item.fixturenames`` holds every fixture a test
+# uses, directly or through others (``topics``, ``settings_for``, ``service_factory``, ``store_settings`` ...).
+SERVICE_FIXTURES = frozenset({"broker", "mongo", "noida", "sasl_broker", "tls_kafka", "tls_mongo"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``integration``: needs a broker, store or Prometheus, or starts the service as a process; else ``unit``.
+
+    Tests that start one without a fixture (a service process, Prometheus, a broker of their own) carry
+    ``pytest.mark.integration`` themselves (``pytestmark`` for whole modules: tests/system/, tests/devservices/).
+    """
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            continue
+        starts_a_service = not SERVICE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if starts_a_service else pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     return str(build_random_clip(MODEL_CACHE / "tiny", size="tiny"))
@@ -111,6 +129,21 @@ async def running(service, *, start: bool = True, timeout: float = 30.0):
             await asyncio.wait_for(asyncio.shield(task), timeout)
         finally:
             await service.close()
+
+
+def replies_sent(service) -> float:
+    """Replies a replica published (results and typed errors, every outcome), from its metrics registry."""
+    return sum(s.value for m in service.metrics.replies.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def feature_records(service) -> float:
+    """Features-topic records a search replica read, from its metrics registry."""
+    return service.metrics.registry.get_sample_value("clip_search_feature_records_total")
+
+
+def products_encoded(service) -> float:
+    """Products a replica encoded (from text or image), from its metrics registry."""
+    return sum(s.value for m in service.metrics.product_encodes.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 @pytest.fixture

@@ -44,19 +44,20 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout: float = 3
 
 
 async def read_topics(bootstrap: str, topics: Iterable[str]) -> dict[str, list[ConsumerRecord]]:
-    """Every record currently in each of ``topics`` (all partitions), read from offset 0.
+    """Every record currently in each of ``topics`` (all partitions), read from offset 0 (the earliest if that is gone).
 
     Reads up to the high watermark of fetch responses: Tansu's ListOffsets reports the
     base offset of the last record batch + 1, not the log end offset.
     """
     topics = list(topics)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
         tps = [tp for t in topics for tp in await _partitions(consumer, t)]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
+        for tp in tps:  # offset 0, not seek_to_beginning: Tansu's ListOffsets(earliest) was once seen answering a later batch's base offset
+            consumer.seek(tp, 0)
         out: dict[str, list[ConsumerRecord]] = {t: [] for t in topics}
 
         async def done() -> bool:

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from consumer.config.settings import Settings
-from consumer.kafka.transport import client_options
+from consumer.kafka.clients import client_options
 from devservices import MongoServer, TansuBroker, free_port
 from devservices.certs import CertificateAuthority, Issued
 from devservices.stunnel import Stunnel, stunnel_binary

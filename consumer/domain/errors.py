@@ -10,6 +10,9 @@ of the traffic.
 raised, a bug): retried with backoff, then isolated and dead-lettered as ``internal_error``.
 A dependency that is down (``is_dependency_outage``) is retried for as long as it is down
 and never dead-letters anything.
+
+``StartupError`` is neither: the replica cannot start (a connection that retrying cannot fix,
+a port it cannot listen on); ``main`` prints its one-line message and exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 from typing import Literal
 
 Owner = Literal["client", "service"]
+
+
+class StartupError(RuntimeError):
+    """The replica cannot start; the message names the settings to check, never a secret."""
 
 
 class InputError(Exception):
@@ -88,28 +95,28 @@ class ServiceFailure(InputError):
     code = "internal_error"
 
 
-CLIENT_CODES = frozenset(
-    {
-        "invalid_json",
-        "schema_violation",
-        "unsupported_schema_version",
-        "invalid_base64",
-        "invalid_image",
-        "image_too_large",
-        "message_too_large",
-        "empty_query",
-        "top_k_out_of_range",
-        "unknown_filter",
-        "deadline_expired",
-        "reply_topic_not_allowed",
-        "reply_undeliverable",
-    }
-)
-"""Error codes a client caused; every other code (``internal_error``) is the service's."""
+OWNERS: dict[str, Owner] = {
+    "invalid_json": "client",
+    "schema_violation": "client",
+    "unsupported_schema_version": "client",
+    "invalid_base64": "client",
+    "invalid_image": "client",
+    "image_too_large": "client",
+    "message_too_large": "client",
+    "empty_query": "client",
+    "top_k_out_of_range": "client",
+    "unknown_filter": "client",
+    "deadline_expired": "client",
+    "reply_topic_not_allowed": "client",
+    "reply_undeliverable": "client",
+    "internal_error": "service",
+}
+"""Who owns each wire error code of ``schemas.ErrorCode`` (a test keeps the two in step)."""
 
 
 def owner_of(code: str) -> Owner:
-    return "client" if code in CLIENT_CODES else "service"
+    """The owner of ``code``; a code this build does not know is the service's."""
+    return OWNERS.get(code, "service")
 
 
 def is_dependency_outage(exc: BaseException) -> bool:

@@ -8,9 +8,7 @@ in chunks of at most ``max_batch`` rows, which bounds the activation memory of o
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +16,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from consumer.encoder.manifest import TOKENIZER_FILE, read_manifest
+
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "export.json"
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
-
-
-def read_manifest(onnx_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The export manifest of ``onnx_dir``; raises FileNotFoundError / ValueError if missing or malformed."""
-    path = Path(onnx_dir) / MANIFEST_FILE
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "towers" not in data:
-        raise ValueError(f"{path} is not an ONNX export manifest")
-    return data
-
-
-def embedding_dim(onnx_dir: str | os.PathLike[str]) -> int:
-    """Projection (embedding) dimension recorded in ``onnx_dir``'s manifest."""
-    return int(read_manifest(onnx_dir)["projection_dim"])
 
 
 def session_options(threads: int | None, *, arena: bool = True, mmap: bool = False) -> ort.SessionOptions:

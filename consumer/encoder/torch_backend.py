@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from consumer.encoder.encoder import Tower
+
 
 def _import_torch(threads: int | None):
     import torch

@@ -329,10 +329,7 @@ class FeatureIndex:
             self._buffer = np.empty((self._chunk_rows, self._dim), dtype=np.float32)
         buffer = self._buffer[: end - start]
         buffer[...] = chunk
-        scores = queries @ buffer.T
-        if self._scales is not None:
-            scores *= self._scales[start:end]
-        return scores
+        return queries @ buffer.T
 
     def state(self) -> IndexState:
         """The index's content; arrays are views, valid until the next change."""

@@ -23,15 +23,22 @@ _OFFSET = 128
 QUERY_LEVELS = 63
 
 
-def _model_bytes() -> bytes:
-    from onnx import TensorProto, helper
-
-    a = helper.make_tensor_value_info("features", TensorProto.UINT8, ["n", "d"])
-    b = helper.make_tensor_value_info("queries", TensorProto.INT8, ["d", "q"])
-    y = helper.make_tensor_value_info("scores", TensorProto.INT32, ["n", "q"])
-    node = helper.make_node("MatMulInteger", ["features", "queries"], ["scores"])
-    graph = helper.make_graph([node], "int8_scores", [a, b], [y])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+# The one-node graph ``scores = MatMulInteger(features uint8 [n, d], queries int8 [d, q])`` (int32 [n, q]),
+# opset 17, IR version 8, serialised once so that serving needs onnxruntime but not the onnx package (in the
+# export extra). It is what this onnx.helper recipe writes (tests/test_serving_without_torch.py checks that):
+#     a = helper.make_tensor_value_info("features", TensorProto.UINT8, ["n", "d"])
+#     b = helper.make_tensor_value_info("queries", TensorProto.INT8, ["d", "q"])
+#     y = helper.make_tensor_value_info("scores", TensorProto.INT32, ["n", "q"])
+#     node = helper.make_node("MatMulInteger", ["features", "queries"], ["scores"])
+#     graph = helper.make_graph([node], "int8_scores", [a, b], [y])
+#     helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+MODEL_BYTES = (
+    b'\x08\x08:\x90\x01\n*\n\x08features\n\x07queries\x12\x06scores"\rMatMulInteger\x12\x0bint8_scores'
+    b"Z\x1c\n\x08features\x12\x10\n\x0e\x08\x02\x12\n\n\x03\x12\x01n\n\x03\x12\x01d"
+    b"Z\x1b\n\x07queries\x12\x10\n\x0e\x08\x03\x12\n\n\x03\x12\x01d\n\x03\x12\x01q"
+    b"b\x1a\n\x06scores\x12\x10\n\x0e\x08\x06\x12\n\n\x03\x12\x01n\n\x03\x12\x01q"
+    b"B\x04\n\x00\x10\x11"
+)
 
 
 def quantise_rows(x: np.ndarray, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +68,7 @@ class Int8Scorer:
                         options.intra_op_num_threads = self.threads
                     options.inter_op_num_threads = 1
                     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                    self._session = ort.InferenceSession(_model_bytes(), options, providers=["CPUExecutionProvider"])
+                    self._session = ort.InferenceSession(MODEL_BYTES, options, providers=["CPUExecutionProvider"])
         return self._session
 
     def scores(self, features_u8: np.ndarray, queries: np.ndarray) -> np.ndarray:

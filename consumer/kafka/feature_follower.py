@@ -26,14 +26,14 @@ from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from consumer.config.settings import Settings
+from consumer.domain.errors import StartupError
 from consumer.index.feature_index import FeatureIndex
-from consumer.pipeline.handlers import apply_feature_events
 from consumer.index.snapshot import SnapshotError, SnapshotFile
+from consumer.kafka.clients import make_consumer, start_kafka_client
 from consumer.ops.memory import release_memory
 from consumer.ops.metrics import ServiceMetrics
-from consumer.config.security import StartupError, start_kafka_client
 from consumer.ops.supervisor import Policy, Supervisor
-from consumer.kafka.transport import make_consumer
+from consumer.pipeline.features import apply_feature_events
 from schemas import ProductFeature
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ class FeatureFollower:
         self.lock = lock
         self.index = index
         self.model_id = model_id
-        self.records_read = 0
         self.applied = 0
         self.invalid = 0
         self.snapshot_loaded = False
@@ -214,7 +213,8 @@ class FeatureFollower:
                 if records:
                     self._next[tp] = records[-1].offset + 1
                     self._changes += len(records)
-                    self.records_read += len(records)
+                    if self.metrics is not None:
+                        self.metrics.feature_records.inc(len(records))
         if report.invalid:
             self.invalid += len(report.invalid)
             log.warning("skipping %d features records with unusable vectors, e.g. %r", len(report.invalid), report.invalid[0])

@@ -16,10 +16,12 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from consumer.domain.wire import JSON_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ Readiness = Callable[[], "str | None | Awaitable[str | None]"]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 _MAX_HEAD = 16 * 1024
-JSON = "application/json"
 
 
 class HealthServer:
@@ -113,12 +114,12 @@ class HealthServer:
             encode, ctype = choose_encoder(headers.get("accept", ""))
             return 200, ctype, encode(self.registry), method
         if target == "/healthz":
-            return 200, JSON, b'{"status": "ok"}\n', method
+            return 200, JSON_CONTENT_TYPE, b'{"status": "ok"}\n', method
         if target == "/readyz":
             reason = await self._readiness()
             if reason is None:
-                return 200, JSON, b'{"ready": true}\n', method
-            return 503, JSON, (json.dumps({"ready": False, "reason": reason}) + "\n").encode(), method
+                return 200, JSON_CONTENT_TYPE, b'{"ready": true}\n', method
+            return 503, JSON_CONTENT_TYPE, (json.dumps({"ready": False, "reason": reason}) + "\n").encode(), method
         return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz\n", method
 
     async def _readiness(self) -> str | None:

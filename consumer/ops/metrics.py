@@ -2,7 +2,7 @@
 
 One ``ServiceMetrics`` per replica, each with its own ``CollectorRegistry`` (tests
 run several replicas in one process). Counters and histograms are updated by the
-service loop through ``observe_batch``, ``observe_search``, ``update_lag`` and
+service loop through ``observe_batch`` (from a batch's typed outcomes), ``update_lag`` and
 ``set_paused``; memory, model and index gauges are read from the live objects at
 scrape time by ``_LiveCollector``, so every scrape shows current values.
 
@@ -13,28 +13,24 @@ Names follow Prometheus conventions: prefix ``clip_search_``, base units
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import Counter as Tally
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from consumer.ops import memory
 from consumer.domain.errors import owner_of
+from consumer.pipeline.outcomes import DEAD_LETTERED, BatchReport, Outcome, RecordOutcome
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
-    from aiokafka.structs import ConsumerRecord
 
     from consumer.encoder.encoder import Encoder
     from consumer.index.feature_index import FeatureIndex
-    from consumer.kafka.transport import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +41,6 @@ TOWERS = ("text", "vision")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-RESULT_EVENT = b"search_result.v1"
-ERROR_EVENT = b"error_reply.v1"
-
-
-def _header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:
-    return next((v for k, v in headers if k == name), None)
-
-
-def _reply_outcome(message: Outbound) -> str | None:
-    """``ok`` or the error code of a reply message; None for any other message."""
-    kind = _header(message.headers, "event-type")
-    if kind == RESULT_EVENT:
-        return OK
-    if kind != ERROR_EVENT:
-        return None
-    try:
-        return str(json.loads(message.value)["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "unknown"
 
 
 class _LiveCollector(Collector):
@@ -122,14 +98,12 @@ class ServiceMetrics:
         self,
         *,
         search_topic: str,
-        dead_letter_topic: str,
         encoder: Encoder | None = None,
         index: FeatureIndex | None = None,
         memory_limit_bytes: int | None = None,
         labels: dict[str, str] | None = None,
     ) -> None:
         self.search_topic = search_topic
-        self.dead_letter_topic = dead_letter_topic
         self.encoder = encoder
         self.index = index
         self.memory_limit_bytes = memory_limit_bytes
@@ -173,6 +147,11 @@ class ServiceMetrics:
         self.dead_letters = Counter(
             f"{PREFIX}_dead_letters", "Records published to the dead-letter topic, by error code.", ["code"], registry=r
         )
+        self.feature_records = Counter(f"{PREFIX}_feature_records", "Features-topic records read into the index (search role).", registry=r)
+        self.fetches = Counter(f"{PREFIX}_fetches", "Batch collections by the service loop (flat while the loop is stuck).", registry=r)
+        self.product_encodes = Counter(
+            f"{PREFIX}_product_encodes", "Products encoded from their image or their text, by input.", ["input"], registry=r
+        )
         self.partitions_retrying = Gauge(
             f"{PREFIX}_partitions_retrying",
             "Assigned partitions paused to retry records whose processing failed (store down, poison record).",
@@ -212,72 +191,35 @@ class ServiceMetrics:
         self._lag_labels: set[tuple[str, str]] = set()
         self._paused = False
 
-    def observe_search(self, replies: Sequence[object]) -> None:
-        """Encode and rank time of one search batch, from the timings of its first successful reply."""
-        timings = next((t for t in (getattr(r, "timings", None) for r in replies) if t is not None), None)
-        if timings is not None:
-            self.encode_duration.observe(timings.encode_ms / 1000.0)
-            self.rank_duration.observe(timings.rank_ms / 1000.0)
+    def observe_batch(self, report: BatchReport, *, started: float, acknowledged_at: float | None = None) -> None:
+        """Account for one committed batch from its typed outcomes.
 
-    def observe_batch(
-        self,
-        records: Sequence[ConsumerRecord],
-        outbound: Sequence[Outbound],
-        *,
-        products_applied: int = 0,
-        products_stale: int = 0,
-        rewind: Mapping[TopicPartition, int] | None = None,
-        started: float,
-        acknowledged_at: float | None = None,
-    ) -> None:
-        """Account for one committed batch.
-
-        ``outbound`` is what was published for ``records``; outcomes are read
-        from it (dead-letter ``error.code``/``source.*`` headers, reply
-        ``event-type``). ``started`` is the ``time.monotonic()`` when the batch
-        was collected; ``acknowledged_at`` the epoch time its messages were
-        acknowledged (default: now). Records at or after a ``rewind`` offset of
-        their partition will be re-delivered, so they are not counted now.
+        ``started`` is the ``time.monotonic()`` when the batch was collected; ``acknowledged_at`` the
+        epoch time its messages were acknowledged (default: now). Records left for a retry are not
+        in ``report.outcomes``: they are counted when they are handled.
         """
         acknowledged_at = time.time() if acknowledged_at is None else acknowledged_at
-        self.batch_size.observe(len(records))
+        self.batch_size.observe(report.messages)
         self.batch_duration.observe(time.monotonic() - started)
+        if report.search_timings is not None:
+            self.encode_duration.observe(report.search_timings.encode_ms / 1000.0)
+            self.rank_duration.observe(report.search_timings.rank_ms / 1000.0)
+        for o in report.outcomes:
+            if o.code is not None and o.outcome is not Outcome.DUPLICATE:
+                self.errors.labels(o.code, owner_of(o.code)).inc()
+            if o.outcome in DEAD_LETTERED:
+                self.dead_letters.labels(o.code or "unknown").inc()
+            if o.topic == self.search_topic:
+                self._observe_request(o, acknowledged_at)
+            else:
+                self.product_updates.labels(o.code or o.outcome.value).inc()
 
-        rejected: dict[tuple[str, int, int], str] = {}
-        for m in outbound:
-            if m.topic == self.dead_letter_topic:
-                code = (_header(m.headers, "error.code") or b"unknown").decode(errors="replace")
-                self.dead_letters.labels(code).inc()
-                try:
-                    source = (
-                        (_header(m.headers, "source.topic") or b"").decode(),
-                        int(_header(m.headers, "source.partition") or -1),
-                        int(_header(m.headers, "source.offset") or -1),
-                    )
-                except ValueError:
-                    continue
-                rejected[source] = code
-            elif (outcome := _reply_outcome(m)) is not None:
-                self.replies.labels(outcome).inc()
-
-        product_outcomes: Tally[str] = Tally()
-        for r in records:
-            if rewind and r.offset >= rewind.get(TopicPartition(r.topic, r.partition), r.offset + 1):
-                continue
-            code = rejected.get((r.topic, r.partition, r.offset))
-            if code is not None:
-                self.errors.labels(code, owner_of(code)).inc()
-            if r.topic == self.search_topic:
-                self.requests.labels(code or OK).inc()
-                if r.timestamp and r.timestamp > 0:
-                    self.request_duration.observe(max(0.0, acknowledged_at - r.timestamp / 1000.0))
-            elif code is not None:
-                product_outcomes[code] += 1
-        product_outcomes["applied"] += products_applied
-        product_outcomes["stale"] += products_stale
-        for outcome, n in product_outcomes.items():
-            if n:
-                self.product_updates.labels(outcome).inc(n)
+    def _observe_request(self, o: RecordOutcome, acknowledged_at: float) -> None:
+        self.requests.labels(o.code or OK).inc()
+        if o.outcome in (Outcome.RESULT, Outcome.ERROR_REPLY, Outcome.DUPLICATE):
+            self.replies.labels(o.code or OK).inc()
+        if o.timestamp_ms is not None:
+            self.request_duration.observe(max(0.0, acknowledged_at - o.timestamp_ms / 1000.0))
 
     async def update_lag(self, consumer: AIOKafkaConsumer | None, timeout_s: float = 0.5) -> None:
         """Set lag = highwater - position per assigned partition whose highwater is known; drop unassigned ones."""

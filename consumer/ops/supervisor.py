@@ -10,8 +10,8 @@ plain return), the supervisor
    ``background task feature-follower failed: RuntimeError('boom'); restarting in 2.0 s``,
 4. applies the task's policy:
 
-   - ``RESTART``: ``factory()`` is called again after ``backoff_s``, doubled per consecutive
-     failure up to ``backoff_max_s`` (a run that lasted ``backoff_max_s`` resets the count).
+   - ``RESTART``: ``factory()`` is called again after ``policy.delay(failures)`` (the service's
+     ``RetryPolicy``; a run that lasted the policy's longest delay resets the count).
      The reason is cleared when the task calls ``recovered(name)`` if it was started with
      ``reports_recovery=True``, else as soon as it is restarted.
    - ``EXIT``: ``on_exit(EXIT_TASK_FAILED)`` asks the process to stop with that exit code,
@@ -45,6 +45,8 @@ from enum import Enum
 
 from prometheus_client import Counter
 
+from consumer.domain.retry import RetryPolicy
+
 log = logging.getLogger(__name__)
 
 EXIT_TASK_FAILED = 3
@@ -77,13 +79,11 @@ class Supervisor:
         self,
         on_exit: Callable[[int], None],
         failures: Counter | None = None,
-        backoff_s: float = 2.0,
-        backoff_max_s: float = 10.0,
+        policy: RetryPolicy = RetryPolicy(2.0, 10.0),
     ) -> None:
         self.on_exit = on_exit
         self.failures = failures
-        self.backoff_s = backoff_s
-        self.backoff_max_s = max(backoff_max_s, backoff_s)
+        self.policy = policy
         self._tasks: dict[str, _Supervised] = {}
         self._reasons: dict[str, str] = {}
 
@@ -127,7 +127,7 @@ class Supervisor:
                 error = exc
             except Exception as exc:  # noqa: BLE001 - every failure is logged, counted and acted on below
                 error = exc
-            if time.monotonic() - started >= self.backoff_max_s:
+            if time.monotonic() - started >= self.policy.longest_s:
                 entry.failures = 0
             entry.failures += 1
             ended = f"background task {entry.name} " + (f"failed: {error!r}" if error is not None else "ended")
@@ -135,7 +135,7 @@ class Supervisor:
                 self._failed(entry, f"{ended}; stopping the replica (exit code {EXIT_TASK_FAILED})", error)
                 self.on_exit(EXIT_TASK_FAILED)
                 return
-            delay = min(self.backoff_s * 2 ** (entry.failures - 1), self.backoff_max_s)
+            delay = self.policy.delay(entry.failures)
             self._failed(entry, f"{ended}; restarting in {delay:.1f} s", error)
             await asyncio.sleep(delay)
             if not entry.reports_recovery:

@@ -24,7 +24,6 @@ class MemoryGuard:
         self.low_water = low_water
         self.read_rss = read_rss
         self.paused = False
-        self.pauses = 0
 
     def update(self) -> Literal["pause", "resume"] | None:
         if not self.limit_bytes:
@@ -34,7 +33,6 @@ class MemoryGuard:
             return None
         if not self.paused and rss > self.limit_bytes:
             self.paused = True
-            self.pauses += 1
             return "pause"
         if self.paused and rss <= self.low_water * self.limit_bytes:
             self.paused = False

@@ -173,8 +173,8 @@ class ProductStore:
     async def iter_products(self, model_id: str, batch_size: int = 2048) -> AsyncIterator[tuple[ProductMeta, np.ndarray]]:
         """Every live product of `model_id` with its float32 feature (unordered).
 
-        Products encoded by another model are not yielded: list them with
-        `stale_model_ids` and re-encode them.
+        Products encoded by another model are not yielded: read them with
+        `iter_stale_model_products` and re-encode them.
         """
         projection = {**_META_PROJECTION, "feature": 1}
         cursor = self._collection.find({"model_id": model_id, "deleted": False}, projection, batch_size=batch_size)
@@ -207,16 +207,6 @@ class ProductStore:
                 yield _meta(doc), (bytes(doc["image"]) if doc.get("image") else None)
         finally:
             await cursor.close()
-
-    async def stale_model_ids(self, model_id: str) -> list[str]:
-        """Ids of live products whose stored feature comes from a model other than `model_id`.
-
-        Their name/description/category/price are kept, so a service switching
-        models can re-encode them (e.g. from text, or by re-reading the update
-        stream for images) and `upsert` them with a newer version.
-        """
-        selector = {"deleted": False, "model_id": {"$ne": model_id}}
-        return [doc["_id"] async for doc in self._collection.find(selector, {"_id": 1})]
 
     async def search(
         self,

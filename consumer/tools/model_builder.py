@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from consumer.encoder.extras import TORCH_BACKEND_MODULES, missing_extra
+
 BUILDER_VERSION = 1
 SIZES: tuple[str, ...] = ("tiny", "vit-b-32")
 MARKER_FILE = "random_weights.json"
@@ -304,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete model exists")
     args = parser.parse_args(argv)
+    if args.force or not _is_complete(args.out, args.size, args.seed):
+        if missing := missing_extra("clip-search-build-model", TORCH_BACKEND_MODULES):
+            parser.exit(1, missing + "\n")
 
     started = time.perf_counter()
     out = build_random_clip(args.out, args.size, args.seed, force=args.force)

@@ -32,11 +32,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from consumer.encoder.extras import EXPORT_MODULES, missing_extra
+from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest
+
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 2
-MANIFEST_FILE = "export.json"
-TOKENIZER_FILE = "tokenizer.json"
 MARKER_FILE = "random_weights.json"
 TOWERS: tuple[str, ...] = ("text", "vision")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
@@ -75,15 +76,6 @@ def _source_fingerprint(model: str) -> dict[str, Any]:
     }
 
 
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``export.json`` of ``out_dir``, or None if missing or unreadable."""
-    try:
-        data = json.loads((Path(out_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _normalise_towers(towers: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(towers, str):
         towers = [t.strip() for t in towers.split(",") if t.strip()]
@@ -93,6 +85,22 @@ def _normalise_towers(towers: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(t for t in TOWERS if t in towers)
 
 
+EXPORT_BASE_BYTES = 400 * 2**20
+EXPORT_BYTES_PER_WEIGHT_BYTE = 3.0
+"""Peak memory of an export, as measured on 2 cores (``/usr/bin/time -v`` on ``python -m consumer.tools.onnx_export``,
+ViT-B/32 shapes, 578 MB of fp32 weights, int8): text tower 1,621 MB, vision tower 1,838 MB, both 2,140 MB. The
+interpreter with torch and onnx takes about 400 MB; tracing, the fp32 ONNX copy and quantization about 3x the weights."""
+
+
+def export_memory_need(model: str) -> int | None:
+    """Estimated peak bytes of exporting both towers of the local model directory ``model``; None when unknown (a hub id)."""
+    folder = Path(model)
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")] if folder.is_dir() else []
+    if not weights:
+        return None
+    return int(EXPORT_BASE_BYTES + EXPORT_BYTES_PER_WEIGHT_BYTE * sum(w.stat().st_size for w in weights))
+
+
 def is_current(model_dir: str, out_dir: str | os.PathLike[str], towers: Sequence[str] = TOWERS, quantize: Quantize = "int8") -> bool:
     """True iff ``out_dir`` already holds an export of ``model_dir`` with at least ``towers`` at ``quantize``.
 
@@ -100,8 +108,9 @@ def is_current(model_dir: str, out_dir: str | os.PathLike[str], towers: Sequence
     directory: config hash + weight file sizes/mtimes; hub id: the id) and the tower files' sizes.
     Never imports torch.
     """
-    manifest = read_manifest(out_dir)
-    if manifest is None:
+    try:
+        manifest = read_manifest(out_dir)
+    except (OSError, ValueError):
         return False
     wanted = _normalise_towers(towers)
     expected_options = INT8_OPTIONS if quantize == "int8" else None
@@ -359,12 +368,15 @@ def export_in_subprocess(
 ) -> Path:
     """``export_onnx`` in a child Python process, so this process never imports torch; return ``out_dir``.
 
-    Skips the child if ``is_current``. Raises ``ExportError`` (with the child's stderr tail) on failure.
+    Skips the child if ``is_current``. Raises ``ExportError`` (with the child's stderr tail) on failure, and
+    before starting a child that could not import torch, transformers or onnx (the ``export`` extra).
     """
     wanted = _normalise_towers(towers)
     out = Path(out_dir)
     if is_current(model_dir, out, wanted, quantize):
         return out
+    if missing := missing_extra(f"exporting {model_dir} to ONNX", EXPORT_MODULES):
+        raise ExportError(missing)
     cmd = [
         sys.executable,
         "-m",
@@ -403,12 +415,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
 
-    started = time.perf_counter()
     try:
-        out = export_onnx(args.model, args.out, _normalise_towers(args.towers), args.quantize, force=args.force)
+        towers = _normalise_towers(args.towers)
     except ValueError as exc:
         parser.error(str(exc))
-    manifest = read_manifest(out) or {}
+    if args.force or not is_current(args.model, args.out, towers, args.quantize):
+        if missing := missing_extra("clip-search-export-onnx", EXPORT_MODULES):
+            parser.exit(1, missing + "\n")
+
+    started = time.perf_counter()
+    try:
+        out = export_onnx(args.model, args.out, towers, args.quantize, force=args.force)
+    except ValueError as exc:
+        parser.error(str(exc))
+    manifest = read_manifest(out)
     sizes = " ".join(f"{n}={t['bytes'] / 1e6:.1f}MB" for n, t in (manifest.get("towers") or {}).items())
     print(f"{out} quantize={args.quantize} {sizes} {time.perf_counter() - started:.1f}s")
     return 0

@@ -1,0 +1,157 @@
+"""A batch of valid product updates to one ``ProductOutcome`` each: applied, stale or error.
+
+Newest version wins: updates not newer than what is held are skipped before any encoding; the
+rest are encoded (image if present, else ``product_text``) and applied store first (the durable
+copy), then index. A bad image is that update's ``error`` outcome (it is dead-lettered), never an
+exception. Nothing here knows about Kafka.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from consumer.domain.errors import InputError
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.images import ImageLimits
+from consumer.index.feature_index import FeatureIndex, ProductMeta
+from consumer.pipeline.encoding import decode_image, encode_rows
+from schemas import ProductUpdated
+
+
+def product_text(update: ProductUpdated) -> str:
+    """The text a product is encoded from when it has no image: name and description joined by '. '."""
+    parts = [p.strip() for p in (update.name, update.description) if p and p.strip()]
+    return ". ".join(parts)
+
+
+def product_meta(update: ProductUpdated) -> ProductMeta:
+    """What search replies render for the product, as of this update."""
+    return ProductMeta(update.product_id, update.version, update.name, update.description, update.category, update.price)
+
+
+@dataclass(frozen=True)
+class ProductOutcome:
+    """What became of one update.
+
+    ``status``: ``applied`` (stored and/or indexed), ``stale`` (a same-or-newer version is held),
+    or ``error`` (``error`` says why; the update goes to the dead-letter topic).
+    """
+
+    update: ProductUpdated
+    status: str
+    error: InputError | None = None
+    feature: np.ndarray | None = None
+
+
+class ProductStoreLike(Protocol):
+    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool: ...
+
+    async def delete(self, product_id: str, version: int) -> bool: ...
+
+    async def get_versions(self, ids: Sequence[str]) -> dict[str, tuple[int, str | None, bool]]: ...
+
+
+class ProductHandler:
+    """Encodes product updates (image if present, else text) and applies them, newest version wins.
+
+    Held versions come from the store when there is one (so restarts and other replicas
+    skip re-encoding), else from the index. A stored feature made by another model id
+    counts as not held, so the product is re-encoded rather than mixed in. ``before_apply``
+    runs after encoding and before anything is stored (the ingest role publishes the
+    features there, so a crash in between re-encodes rather than loses an update).
+    ``on_encoded(input, n)`` is told of every ``n`` products encoded from ``input`` ("text" or "image").
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: FeatureIndex | None,
+        image_limits: ImageLimits,
+        store: ProductStoreLike | None = None,
+        before_apply=None,
+        on_encoded: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.index = index
+        self.store = store
+        self.image_limits = image_limits
+        self.before_apply = before_apply
+        self.on_encoded = on_encoded
+        self.encoded_images = 0
+        """Images encoded so far: the service returns freed heap to the OS after a batch that had any."""
+
+    async def held_versions(self, updates: Sequence[ProductUpdated]) -> dict[str, int]:
+        ids = list({u.product_id for u in updates})
+        if self.store is not None:
+            stored = await self.store.get_versions(ids)
+            return {pid: v for pid, (v, model, deleted) in stored.items() if deleted or model == self.encoder.model_id}
+        if self.index is None:
+            return {}
+        return {pid: v for pid in ids if (v := self.index.version_of(pid)) is not None}
+
+    async def encode(self, updates: Sequence[ProductUpdated]) -> list[np.ndarray | InputError | None]:
+        """Feature per update (None for deletes); image decode errors are returned, not raised."""
+        out: list[np.ndarray | InputError | None] = [None] * len(updates)
+        texts, images = [], []
+        for i, u in enumerate(updates):
+            if u.deleted:
+                continue
+            if u.image_b64:
+                pixels = await decode_image(u.image_b64, self.image_limits)
+                if isinstance(pixels, InputError):
+                    out[i] = pixels
+                else:
+                    images.append((i, pixels))
+            else:
+                texts.append((i, product_text(u)))
+        for i, vec in await encode_rows(self.encoder, texts, images):
+            out[i] = vec
+        self.encoded_images += len(images)
+        if self.on_encoded is not None:
+            for kind, n in (("text", len(texts)), ("image", len(images))):
+                if n:
+                    self.on_encoded(kind, n)
+        return out
+
+    async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
+        """One outcome per update, in order; stale updates are skipped before any encoding."""
+        held = await self.held_versions(updates)
+        todo = [i for i, u in enumerate(updates) if u.version > held.get(u.product_id, -1)]
+        features = dict(zip(todo, await self.encode([updates[i] for i in todo])))
+        outcomes = []
+        for i, u in enumerate(updates):
+            if i not in features:
+                outcomes.append(ProductOutcome(u, "stale"))
+            elif isinstance(features[i], InputError):
+                outcomes.append(ProductOutcome(u, "error", error=features[i]))
+            else:
+                outcomes.append(ProductOutcome(u, "encoded", feature=features[i]))
+        if self.before_apply is not None:
+            await self.before_apply([o for o in outcomes if o.status == "encoded"])
+        return [
+            ProductOutcome(o.update, "applied" if await self.apply(o.update, o.feature) else "stale", feature=o.feature)
+            if o.status == "encoded"
+            else o
+            for o in outcomes
+        ]
+
+    async def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
+        """Store first (the durable copy), then index; False when a same-or-newer version is held."""
+        if self.store is not None:
+            if update.deleted:
+                stored = await self.store.delete(update.product_id, update.version)
+            else:
+                image = base64.b64decode(update.image_b64) if update.image_b64 else None
+                stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id, image)
+            if not stored:
+                return False
+        if self.index is None:
+            return True
+        if update.deleted:
+            return self.index.delete(update.product_id, update.version)
+        return self.index.upsert(product_meta(update), feature)
