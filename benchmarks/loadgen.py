@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             try:
                 reply = await client.search({"query_text": texts[i % len(texts)], "top_k": args.top_k}, timeout=args.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors += 1
                 return
             if reply.get("status") != "ok":

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -164,7 +165,10 @@ def timed(fn, reps: int) -> dict[str, float]:
         fn()
         cpu.append(time.thread_time() - start_cpu)
         wall.append(time.perf_counter() - start)
-    ms = lambda xs, f: round(1000 * float(f(xs)), 1)  # noqa: E731
+
+    def ms(xs: list[float], f: Callable[[list[float]], float]) -> float:
+        return round(1000 * float(f(xs)), 1)
+
     return {"median_ms": ms(wall, np.median), "min_ms": ms(wall, min), "cpu_median_ms": ms(cpu, np.median), "cpu_min_ms": ms(cpu, min)}
 
 
@@ -240,7 +244,7 @@ def fidelity(rows: list[dict], tmp: Path) -> None:
             fid = {"mean_cos": float(cos.mean()), "min_cos": float(cos.min())}
             if ref_top is not None:
                 top = np.argsort(-(q @ prod.T), axis=1)[:, :10]
-                fid["recall@10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)]))
+                fid["recall@10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top, strict=True)]))
         else:
             im, ref_im = normalise(emb["images"]), normalise(ref_vision["images"])
             cos = np.sum(im * ref_im, axis=1)

@@ -25,9 +25,9 @@ import json
 import os
 import platform
 import signal
-import tempfile
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -155,7 +155,7 @@ class ServiceProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, module: str = "consumer") -> None:
         self.port = int(env.get("METRICS_PORT", "0"))
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 - the service writes to it until stop() closes it
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module], env=os.environ | env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
@@ -510,8 +510,11 @@ def table(r: dict) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'figure':<52} {'measured':>10} {'target':>24} {'seed':>10} {'ratio':>7}  met")
+
+    def fmt(v: object) -> str:
+        return "-" if v is None else str(v)
+
     for row in rows:
-        fmt = lambda v: "-" if v is None else str(v)
         print(
             f"{row['figure']:<52} {fmt(row['measured']):>10} {row['target']:>24} {fmt(row['seed_baseline']):>10} {fmt(row['ratio']):>7}  {'yes' if row['met'] else 'NO'}"
         )

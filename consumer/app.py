@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from consumer.config.redaction import log_effective_config
 from consumer.config.settings import Role, Settings, load_settings, retired_variables
@@ -25,6 +26,9 @@ from consumer.ops.health import HealthServer
 from consumer.ops.supervisor import Policy
 from consumer.store.client import mongo_client
 from consumer.tools.model_builder import is_random_model
+
+if TYPE_CHECKING:
+    from consumer.store.product_store import ProductStore
 
 log = logging.getLogger("consumer")
 
@@ -86,7 +90,10 @@ def check_export_fits(settings: Settings, out: Path) -> None:
     from consumer.tools.onnx_export import export_memory_need
 
     need = export_memory_need(settings.clip_model)
-    limits = {"MEMORY_LIMIT_MB": settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None, "the cgroup limit": cgroup_limit_bytes()}
+    limits = {
+        "MEMORY_LIMIT_MB": settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None,
+        "the cgroup limit": cgroup_limit_bytes(),
+    }
     known = {name: value for name, value in limits.items() if value}
     if need is None or not known:
         return
@@ -99,7 +106,7 @@ def check_export_fits(settings: Settings, out: Path) -> None:
         )
 
 
-def build_store(settings: Settings):
+def build_store(settings: Settings) -> ProductStore | None:
     """The product store when ``MONGODB_URI`` is set, else None (pymongo is imported only then)."""
     if not settings.mongodb_uri:
         return None
@@ -126,12 +133,12 @@ async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
         return "not connected to Kafka yet"
     try:
         await asyncio.wait_for(consumer.topics(), timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the broker is a not-ready reason
         return f"Kafka unreachable: {exc!r}"
     if service.store is not None:
         try:
             await asyncio.wait_for(service.store.collection.database.command("ping"), timeout_s)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the store is a not-ready reason
             return f"store unreachable: {exc!r}"
     if service.follower is not None and not service.follower.caught_up:
         return "feature index still catching up with the features topic"

@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 
@@ -42,7 +43,7 @@ class MongoServer(ManagedProcess):
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}"
 
-    def client(self, **kwargs: object) -> MongoClient:
+    def client(self, **kwargs: Any) -> MongoClient[dict[str, Any]]:
         """A pymongo client for this server (caller closes it)."""
         return MongoClient(self.uri, **kwargs)
 
@@ -61,6 +62,9 @@ class MongoServer(ManagedProcess):
 
     def probe(self) -> bool:
         socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-        with MongoClient(self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500, directConnection=True) as c:
-            c.admin.command("ping")
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500, directConnection=True
+        )
+        with client:
+            client.admin.command("ping")
         return True

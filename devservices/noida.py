@@ -6,6 +6,7 @@ import os
 import time
 from importlib.resources import files
 from pathlib import Path
+from typing import ClassVar
 
 from .process import ManagedProcess
 from .topics import kafka_ready
@@ -27,7 +28,7 @@ class NoidaBroker(ManagedProcess):
     """
 
     name = "noida"
-    consumer_group_config: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
+    consumer_group_config: ClassVar[dict[str, int]] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
 
     def __init__(self, port: int | None = None, data_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__(port, data_dir)

@@ -112,7 +112,7 @@ class ManagedProcess:
             try:
                 if self.probe():
                     return
-            except Exception:
+            except Exception:  # noqa: BLE001 - any probe failure means "not ready yet"; the deadline bounds the wait
                 pass
             if time.monotonic() >= deadline:
                 raise ServiceError(f"{self.name} on port {self.port} not ready after {timeout:.1f}s; log tail:\n{self.log_tail()}")

@@ -6,6 +6,7 @@ import json
 import shutil
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from .process import ManagedProcess
 
@@ -48,9 +49,10 @@ class PrometheusServer(ManagedProcess):
 
     def probe(self) -> bool:
         with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-            return r.status == 200
+            status: int = r.status
+        return status == 200
 
-    def api(self, path: str, **params: str) -> dict | list:
+    def api(self, path: str, **params: str) -> Any:
         """GET ``/api/v1/<path>``; returns ``data``, raises RuntimeError when Prometheus reports an error."""
         query = urllib.parse.urlencode(params)
         with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
@@ -59,12 +61,14 @@ class PrometheusServer(ManagedProcess):
             raise RuntimeError(f"{path} {params}: {body}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict]:
+    def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; the result vector (or a one-element list for a scalar)."""
         data = self.api("query", query=expr)
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
-        return data["result"]
+        vector: list[dict[str, Any]] = data["result"]
+        return vector
 
-    def targets(self) -> list[dict]:
-        return self.api("targets", state="active")["activeTargets"]
+    def targets(self) -> list[dict[str, Any]]:
+        targets: list[dict[str, Any]] = self.api("targets", state="active")["activeTargets"]
+        return targets

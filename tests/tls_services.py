@@ -1,6 +1,6 @@
 """Fixtures for TLS tests: throwaway PKI, Tansu and SecantusDB behind stunnel, topic helpers.
 
-Import the fixtures by name into a test module to use them.
+tests/conftest.py registers this module as a plugin, so its fixtures need no import.
 Without stunnel the fixtures skip, except under CI (``CI`` set), where they fail: CI must run them.
 """
 
@@ -104,31 +104,31 @@ def tls_mongo(pki):
 
 def sasl_settings(broker, mechanism: str, password: str, **overrides) -> Settings:
     """Settings logging in to ``broker`` over SASL_PLAINTEXT as user ``nobody``."""
-    values = dict(
-        kafka_bootstrap_servers=broker.bootstrap,
-        kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_mechanism=mechanism,
-        kafka_sasl_username="nobody",
-        kafka_sasl_password=password,
-        _env_file=None,
-    )
+    values = {
+        "kafka_bootstrap_servers": broker.bootstrap,
+        "kafka_security_protocol": "SASL_PLAINTEXT",
+        "kafka_sasl_mechanism": mechanism,
+        "kafka_sasl_username": "nobody",
+        "kafka_sasl_password": password,
+        "_env_file": None,
+    }
     return Settings(**(values | overrides))
 
 
 def ssl_settings(pki: Pki, tls_kafka: TlsKafka, **overrides) -> Settings:
     """Settings for the TLS listener, client certificate with an encrypted key."""
-    values = dict(
-        kafka_bootstrap_servers=tls_kafka.bootstrap,
-        kafka_security_protocol="SSL",
-        kafka_ssl_ca_file=pki.ca,
-        kafka_ssl_cert_file=pki.client.cert,
-        kafka_ssl_key_file=pki.client.key,
-        kafka_ssl_key_password=CLIENT_KEY_PASSWORD,
-        kafka_session_timeout_ms=1500,
-        kafka_heartbeat_interval_ms=250,
-        max_batch_wait_ms=20,
-        _env_file=None,
-    )
+    values = {
+        "kafka_bootstrap_servers": tls_kafka.bootstrap,
+        "kafka_security_protocol": "SSL",
+        "kafka_ssl_ca_file": pki.ca,
+        "kafka_ssl_cert_file": pki.client.cert,
+        "kafka_ssl_key_file": pki.client.key,
+        "kafka_ssl_key_password": CLIENT_KEY_PASSWORD,
+        "kafka_session_timeout_ms": 1500,
+        "kafka_heartbeat_interval_ms": 250,
+        "max_batch_wait_ms": 20,
+        "_env_file": None,
+    }
     return Settings(**(values | overrides))
 
 

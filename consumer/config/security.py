@@ -21,6 +21,7 @@ Kafka clients: ``consumer.kafka.clients``; the MongoDB client: ``consumer.store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -104,13 +105,13 @@ class KafkaSecuritySettings(_SecretFiles):
     @model_validator(mode="after")
     def _kafka_consistent(self) -> KafkaSecuritySettings:
         protocol = self.kafka_security_protocol
-        tls = {
+        tls: dict[str, object] = {
             "KAFKA_SSL_CA_FILE": self.kafka_ssl_ca_file,
             "KAFKA_SSL_CERT_FILE": self.kafka_ssl_cert_file,
             "KAFKA_SSL_KEY_FILE": self.kafka_ssl_key_file,
             "KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
         }
-        sasl = {
+        sasl: dict[str, object] = {
             "KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
             "KAFKA_SASL_USERNAME": self.kafka_sasl_username,
             "KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
@@ -229,6 +230,6 @@ class SecuritySettings(KafkaSecuritySettings, MongoSecuritySettings):
                 values += uri_secrets(value)
         return [v for v in values if v]
 
-    def __repr_args__(self):
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, (redact_uri(value) if isinstance(value, str) and "://" in value else value)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from enum import Enum
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from consumer.config.security import SecuritySettings
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     ALL = "all"
     INGEST = "ingest"
     SEARCH = "search"
@@ -51,6 +51,10 @@ class Settings(SecuritySettings, BaseSettings):
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     max_batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 10
+    max_images_per_batch: Annotated[int, Field(ge=1)] = Field(
+        4,
+        description="ROLE=all: image updates encoded per batch at most; the rest of their partition waits for the next batch",
+    )
     cache_products: bool = True
     lazy_load_model: bool = True
     top_k: Annotated[int, Field(ge=1)] = 10
@@ -162,7 +166,7 @@ class ConfigError(SystemExit):
     """Raised at start for invalid settings; the message names each bad variable."""
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (``overrides`` win); exit with a readable message if invalid."""
     try:
         return Settings(**overrides)

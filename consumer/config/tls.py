@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def ssl_reason(exc: Exception) -> str:
+def ssl_reason(exc: BaseException) -> str:
     """OpenSSL's short reason (``CERTIFICATE_VERIFY_FAILED``...), else the OS error text, else the class name."""
     return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
 
 
-def no_password_prompt(secret: SecretStr | None):
+def no_password_prompt(secret: SecretStr | None) -> Callable[[], str]:
     """A password callback for ``load_cert_chain``: OpenSSL must never prompt on the terminal."""
     return lambda: secret.get_secret_value() if secret is not None else ""
 
@@ -44,7 +45,7 @@ def kafka_ssl_context(settings: KafkaSecuritySettings) -> ssl.SSLContext:
     """The client TLS context for ``settings``; raises ValueError naming the setting that cannot be loaded."""
     ca = settings.kafka_ssl_ca_file
     try:
-        context = create_ssl_context(cafile=str(ca) if ca else None)
+        context: ssl.SSLContext = create_ssl_context(cafile=str(ca) if ca else None)
     except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"KAFKA_SSL_CA_FILE: no usable CA certificate in {ca} ({ssl_reason(exc)})") from None
     if ca is None:

@@ -20,7 +20,7 @@ class RetryPolicy:
     cap_s: float
 
     def delay(self, failures: int) -> float:
-        return min(self.base_s * 2 ** max(failures - 1, 0), max(self.cap_s, self.base_s))
+        return min(self.base_s * 2.0 ** max(failures - 1, 0), max(self.cap_s, self.base_s))
 
     @property
     def longest_s(self) -> float:

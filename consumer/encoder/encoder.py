@@ -12,17 +12,22 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-class Tower(Protocol):
+Inputs = TypeVar("Inputs", contravariant=True)
+
+
+class Tower(Protocol[Inputs]):
+    """One loaded tower: texts (``list[str]``) or pixels (``np.ndarray``) to raw embeddings, one row per input."""
+
     nbytes: int
 
-    def encode(self, inputs: object) -> np.ndarray: ...
+    def encode(self, inputs: Inputs) -> np.ndarray: ...
 
 
 class Backend(Protocol):
@@ -30,20 +35,21 @@ class Backend(Protocol):
 
     name: str
 
-    def load_text(self) -> Tower: ...
+    def load_text(self) -> Tower[list[str]]: ...
 
-    def load_vision(self) -> Tower: ...
+    def load_vision(self) -> Tower[np.ndarray]: ...
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    unit: np.ndarray = x / np.maximum(norms, 1e-12)
+    return unit
 
 
 @dataclass
 class _Slot:
-    tower: Tower | None = None
+    tower: Tower[Any] | None = None
     loads: int = 0
     load_seconds: float = 0.0
     last_used: float = 0.0
@@ -65,7 +71,7 @@ class Encoder:
         if random_weights:
             log.warning("MODEL %s HAS RANDOM WEIGHTS: rankings are meaningless except for exact matches", model_id)
 
-    def _tower(self, name: str) -> Tower:
+    def _tower(self, name: str) -> Tower[Any]:
         slot = self._slots[name]
         tower = slot.tower
         if tower is None:

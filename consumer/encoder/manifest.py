@@ -28,14 +28,17 @@ def read_manifest(onnx_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def model_config(model: str) -> dict:
+def model_config(model: str) -> dict[str, Any]:
     """The model's ``config.json`` without importing torch: a local directory, or one small hub download."""
     local = Path(model) / "config.json"
+    config: dict[str, Any]
     if local.is_file():
-        return json.loads(local.read_text())
+        config = json.loads(local.read_text())
+        return config
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
+    config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
+    return config
 
 
 def embedding_dim(model: str) -> int:

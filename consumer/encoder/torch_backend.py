@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 from consumer.encoder.encoder import Tower
 
 
-def _import_torch(threads: int | None):
+def _import_torch(threads: int | None) -> ModuleType:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -20,10 +22,10 @@ def _import_torch(threads: int | None):
 
 class _TorchText:
     def __init__(self, model_dir: str, threads: int | None) -> None:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         self._torch = _import_torch(threads)
-        self.tokenizer = CLIPTokenizerFast.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
         self.model = CLIPTextModelWithProjection.from_pretrained(model_dir).eval()  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
         self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -31,7 +33,8 @@ class _TorchText:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         with self._torch.inference_mode():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.text_embeds.float().numpy()
+        embeds: np.ndarray = out.text_embeds.float().numpy()
+        return embeds
 
 
 class _TorchVision:
@@ -45,7 +48,8 @@ class _TorchVision:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             out = self.model(pixel_values=self._torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return out.image_embeds.float().numpy()
+        embeds: np.ndarray = out.image_embeds.float().numpy()
+        return embeds
 
 
 class TorchBackend:
@@ -57,8 +61,8 @@ class TorchBackend:
         self.model = model
         self.threads = threads
 
-    def load_text(self) -> Tower:
+    def load_text(self) -> Tower[list[str]]:
         return _TorchText(self.model, self.threads)
 
-    def load_vision(self) -> Tower:
+    def load_vision(self) -> Tower[np.ndarray]:
         return _TorchVision(self.model, self.threads)

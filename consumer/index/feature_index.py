@@ -88,7 +88,6 @@ class FeatureIndex:
     __slots__ = (
         "_alive",
         "_buffer",
-        "_int8",
         "_categories",
         "_category_codes",
         "_chunk_rows",
@@ -96,6 +95,7 @@ class FeatureIndex:
         "_dtype",
         "_free",
         "_high_water",
+        "_int8",
         "_matrix",
         "_metas",
         "_prices",
@@ -156,7 +156,7 @@ class FeatureIndex:
     @property
     def capacity(self) -> int:
         """Allocated slots."""
-        return self._matrix.shape[0]
+        return len(self._matrix)
 
     @property
     def nbytes(self) -> int:
@@ -226,7 +226,12 @@ class FeatureIndex:
                 invalid.append(product_id)
                 continue
             slot = self._slots.get(product_id)
-            seen = self._tombstones.get(product_id) if slot is None else self._metas[slot].version  # type: ignore[union-attr]
+            if slot is None:
+                seen = self._tombstones.get(product_id)
+            else:
+                live = self._metas[slot]
+                assert live is not None  # a slot in _slots always holds its product's meta
+                seen = live.version
             if seen is not None and meta.version <= seen:
                 stale += 1
                 continue
@@ -314,28 +319,36 @@ class FeatureIndex:
             elif not alive.all():
                 mask = alive[None, :]
             topk.push(self._chunk_scores(queries, start, end), self._slot_ids[start:end], mask)
-        return [
-            [(hit, self._metas[self._slots[hit.product_id]]) for hit in hits]  # type: ignore[misc]
-            for hits in topk.results()
-        ]
+        return [[(hit, self._live_meta(self._slots[hit.product_id])) for hit in hits] for hits in topk.results()]
+
+    def _live_meta(self, slot: int) -> ProductMeta:
+        """The meta of a live slot (a slot in ``_slots``), which always has one."""
+        meta = self._metas[slot]
+        assert meta is not None, f"live slot {slot} has no meta"
+        return meta
 
     def _chunk_scores(self, queries: np.ndarray, start: int, end: int) -> np.ndarray:
         chunk = self._matrix[start:end]
+        scores: np.ndarray
         if self._dtype == "float32":
-            return queries @ chunk.T
+            scores = queries @ chunk.T
+            return scores
         if self._dtype == "int8":
-            return self._int8.scores(chunk, queries) * self._scales[start:end]
+            assert self._int8 is not None and self._scales is not None  # both exist exactly for int8 storage
+            scores = self._int8.scores(chunk, queries) * self._scales[start:end]
+            return scores
         if self._buffer is None:
             self._buffer = np.empty((self._chunk_rows, self._dim), dtype=np.float32)
         buffer = self._buffer[: end - start]
         buffer[...] = chunk
-        return queries @ buffer.T
+        scores = queries @ buffer.T
+        return scores
 
     def state(self) -> IndexState:
         """The index's content; arrays are views, valid until the next change."""
         used = self._high_water
         live = np.flatnonzero(self._alive[:used])
-        metas = [self._metas[slot] for slot in live.tolist()]
+        metas = [self._live_meta(slot) for slot in live.tolist()]
         return IndexState(
             dim=self._dim,
             dtype=self._dtype,
@@ -345,10 +358,10 @@ class FeatureIndex:
             prices=self._prices[:used],
             category_names=list(self._category_codes),
             live_slots=live,
-            ids=[m.product_id for m in metas],  # type: ignore[union-attr]
-            versions=np.fromiter((m.version for m in metas), dtype=np.int64, count=len(metas)),  # type: ignore[union-attr]
-            names=[m.name for m in metas],  # type: ignore[union-attr]
-            descriptions=[m.description for m in metas],  # type: ignore[union-attr]
+            ids=[m.product_id for m in metas],
+            versions=np.fromiter((m.version for m in metas), dtype=np.int64, count=len(metas)),
+            names=[m.name for m in metas],
+            descriptions=[m.description for m in metas],
             tombstones=dict(self._tombstones),
         )
 

@@ -16,6 +16,7 @@ is exact there too; with 8-bit queries it silently saturates.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ QUERY_LEVELS = 63
 
 # The one-node graph ``scores = MatMulInteger(features uint8 [n, d], queries int8 [d, q])`` (int32 [n, q]),
 # opset 17, IR version 8, serialised once so that serving needs onnxruntime but not the onnx package (in the
-# export extra). It is what this onnx.helper recipe writes (tests/test_serving_without_torch.py checks that):
+# export extra). It is what this onnx.helper recipe writes (tests/deploy/test_serving_without_torch.py checks that):
 #     a = helper.make_tensor_value_info("features", TensorProto.UINT8, ["n", "d"])
 #     b = helper.make_tensor_value_info("queries", TensorProto.INT8, ["d", "q"])
 #     y = helper.make_tensor_value_info("scores", TensorProto.INT32, ["n", "q"])
@@ -54,10 +55,10 @@ class Int8Scorer:
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
-        self._session = None
+        self._session: Any = None  # an onnxruntime.InferenceSession (onnxruntime ships no type information)
         self._lock = threading.Lock()
 
-    def _get_session(self):
+    def _get_session(self) -> Any:
         if self._session is None:
             with self._lock:
                 if self._session is None:
@@ -75,9 +76,10 @@ class Int8Scorer:
         """float32 [q, n] = (features - 128) . quantised(queries), before the features' own scales."""
         q_values, q_scales = quantise_rows(np.asarray(queries, dtype=np.float32), QUERY_LEVELS)
         b = np.ascontiguousarray(q_values.T)
-        raw = self._get_session().run(None, {"features": np.ascontiguousarray(features_u8), "queries": b})[0]
+        raw: np.ndarray = self._get_session().run(None, {"features": np.ascontiguousarray(features_u8), "queries": b})[0]
         raw -= _OFFSET * b.sum(axis=0, dtype=np.int32)
-        return raw.T.astype(np.float32) * q_scales[:, None]
+        scores: np.ndarray = raw.T.astype(np.float32) * q_scales[:, None]
+        return scores
 
 
 def to_offset_uint8(values: np.ndarray) -> np.ndarray:

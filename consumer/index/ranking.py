@@ -109,7 +109,7 @@ class RunningTopK:
                 lower[r] = best[-1][0]
         return lower
 
-    def push(self, scores: np.ndarray, ids: Sequence[str], mask: np.ndarray | None = None) -> None:
+    def push(self, scores: np.ndarray, ids: Sequence[str] | np.ndarray, mask: np.ndarray | None = None) -> None:
         """Merge a chunk: scores [q, n], ids of the n columns, optional admissible mask.
 
         mask may be any boolean array broadcastable to [q, n] (e.g. [1, n]).
@@ -130,10 +130,7 @@ class RunningTopK:
         for r in np.flatnonzero(counts).tolist():
             k = self._k[r]
             row = scores[r]
-            if counts[r] <= k:
-                idx = np.flatnonzero(keep[r])
-            else:
-                idx = _select_topk(np.where(keep[r], row, -np.inf), k, ids)
+            idx = np.flatnonzero(keep[r]) if counts[r] <= k else _select_topk(np.where(keep[r], row, -np.inf), k, ids)
             values = row[idx].tolist()
             fresh = [(values[j], ids[i]) for j, i in enumerate(idx.tolist())]
             merged = self._best[r] + fresh
@@ -146,7 +143,7 @@ class RunningTopK:
         return [[Hit(pid, score) for score, pid in best] for best in self._best]
 
 
-def _select_topk(row: np.ndarray, k: int, ids: Sequence[str]) -> np.ndarray:
+def _select_topk(row: np.ndarray, k: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """Indices of the k best entries of row (ties at the boundary broken by id asc).
 
     row has excluded entries set to -inf and more than k admissible entries.
@@ -186,6 +183,7 @@ def filter_mask(
     coded = categories.dtype.kind in "iu"
     if coded and category_codes is None:
         raise ValueError("integer category codes need category_codes")
+    codes = category_codes if coded else None
     out = np.ones((len(filters), n), dtype=bool)
     rows: dict[SearchFilter, np.ndarray] = {}
     for r, f in enumerate(filters):
@@ -195,8 +193,8 @@ def filter_mask(
         if row is None:
             row = out[r]
             if f.category is not None:
-                if coded:
-                    code = category_codes.get(f.category)  # type: ignore[union-attr]
+                if codes is not None:
+                    code = codes.get(f.category)
                     if code is None:
                         row[:] = False
                     else:

@@ -16,9 +16,11 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -45,15 +47,15 @@ def _json_bytes(value: object) -> np.ndarray:
     return np.frombuffer(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(), dtype=np.uint8)
 
 
-def _from_json_bytes(array: np.ndarray) -> object:
+def _from_json_bytes(array: np.ndarray) -> Any:
     return json.loads(array.tobytes().decode())
 
 
-def _write_npy(out, array: np.ndarray, chunk: int = 1 << 20) -> None:
+def _write_npy(out: IO[bytes], array: np.ndarray, chunk: int = 1 << 20) -> None:
     """``array`` in .npy format, streamed from its own memory (``np.save`` copies 16 MB at a time)."""
     array = np.ascontiguousarray(array)
     np.lib.format.write_array_header_2_0(out, np.lib.format.header_data_from_array_1_0(array))
-    data = memoryview(array).cast("B") if array.size else memoryview(b"")
+    data = array.data.cast("B") if array.size else memoryview(b"")
     for start in range(0, data.nbytes, chunk):
         out.write(data[start : start + chunk])
 
@@ -83,7 +85,7 @@ class SnapshotFile:
             "products": len(state.ids),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        members = {
+        members: dict[str, Callable[[], np.ndarray]] = {
             "header": lambda: _json_bytes(header),
             "matrix": lambda: state.matrix,
             "categories": lambda: state.categories,
@@ -96,8 +98,8 @@ class SnapshotFile:
             "category_names": lambda: _json_bytes(state.category_names),
             "tombstones": lambda: _json_bytes(state.tombstones),
         }
-        if state.scales is not None:
-            members["scales"] = lambda: state.scales
+        if (scales := state.scales) is not None:
+            members["scales"] = lambda: scales
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.directory)
         try:

@@ -17,6 +17,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from typing import Any
@@ -41,15 +42,17 @@ def kafka_security_options(settings: KafkaSecuritySettings) -> dict[str, Any]:
     if protocol in TLS_PROTOCOLS:
         options["ssl_context"] = kafka_ssl_context(settings)
     if protocol in SASL_PROTOCOLS:
+        password = settings.kafka_sasl_password
+        assert password is not None  # settings validation requires it with a SASL protocol
         options |= {
             "sasl_mechanism": settings.kafka_sasl_mechanism,
             "sasl_plain_username": settings.kafka_sasl_username,
-            "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
+            "sasl_plain_password": password.get_secret_value(),
         }
     return options
 
 
-def client_options(settings: Settings) -> dict:
+def client_options(settings: Settings) -> dict[str, Any]:
     """Connection options shared by every consumer and producer, security included (holds secrets: never log)."""
     return {"bootstrap_servers": settings.kafka_bootstrap_servers, "client_id": settings.kafka_client_id} | kafka_security_options(settings)
 
@@ -115,7 +118,8 @@ async def check_kafka_tls(settings: Settings, timeout: float = 10.0) -> list[str
     if settings.kafka_security_protocol not in TLS_PROTOCOLS:
         return []
     context = kafka_ssl_context(settings)
-    definitive, transient = [], []
+    definitive: list[str] = []
+    transient: list[str] = []
     for host, port, _ in collect_hosts(settings.kafka_bootstrap_servers):
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout)
@@ -123,10 +127,8 @@ async def check_kafka_tls(settings: Settings, timeout: float = 10.0) -> list[str
             (definitive if _is_definitive(exc) else transient).append(_describe_tls_failure(exc, host, port))
             continue
         writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await writer.wait_closed()
-        except OSError:
-            pass
         return []
     if definitive:
         raise StartupError("TLS to Kafka failed: " + "; ".join(definitive + transient))
@@ -224,6 +226,6 @@ async def start_kafka_client(settings: Settings, client: Any, timeout: float = 6
     except StartupError:
         try:
             await client.stop()
-        except Exception:  # noqa: BLE001 - best-effort cleanup; the StartupError is what the caller needs
+        except Exception:  # best-effort cleanup; the StartupError is what the caller needs
             log.debug("stopping a client that failed to start", exc_info=True)
         raise

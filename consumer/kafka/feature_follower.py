@@ -16,12 +16,13 @@ reports a high watermark below it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
@@ -69,7 +70,7 @@ class FeatureFollower:
         )
         self._next: dict[TopicPartition, int] = {}
         self._changes = 0
-        self._consumer = None
+        self._consumer: AIOKafkaConsumer | None = None
         self._supervisor: Supervisor | None = None
 
     async def start(self, connect: Callable[[Any], Awaitable[None]] | None = None, partitions_timeout_s: float = 30.0) -> None:
@@ -94,6 +95,12 @@ class FeatureFollower:
                     await self._consumer.seek_to_beginning(tp)
             self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
 
+    @property
+    def _kafka(self) -> AIOKafkaConsumer:
+        """The consumer ``start`` made; every step but ``start`` and ``stop`` runs after it."""
+        assert self._consumer is not None, "FeatureFollower.start() has not run"
+        return self._consumer
+
     async def _find_partitions(self, timeout_s: float) -> list[TopicPartition]:
         """The topic's partitions from the consumer's metadata, refreshed every ``PARTITIONS_RETRY_S`` until known.
 
@@ -103,14 +110,12 @@ class FeatureFollower:
         """
         topic = self.settings.features_topic
         deadline = time.monotonic() + timeout_s
-        while not (parts := self._consumer.partitions_for_topic(topic)):
+        while not (parts := self._kafka.partitions_for_topic(topic)):
             if time.monotonic() >= deadline:
                 raise StartupError(f"the features topic {topic!r} (FEATURES_TOPIC) has no partitions after {timeout_s:g} s: create it")
-            try:
-                await asyncio.wait_for(self._consumer._client.force_metadata_update(), max(deadline - time.monotonic(), 0.1))
-            except TimeoutError:
-                pass
-            if not self._consumer.partitions_for_topic(topic):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kafka._client.force_metadata_update(), max(deadline - time.monotonic(), 0.1))
+            if not self._kafka.partitions_for_topic(topic):
                 await asyncio.sleep(PARTITIONS_RETRY_S)
         return [TopicPartition(topic, p) for p in sorted(parts)]
 
@@ -142,8 +147,8 @@ class FeatureFollower:
         return snapshot.offsets
 
     async def _from_beginning(self) -> None:
-        await self._consumer.seek_to_beginning(*self._partitions)
-        self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
+        await self._kafka.seek_to_beginning(*self._partitions)
+        self._next = {tp: await self._kafka.position(tp) for tp in self._partitions}
 
     async def _discard_snapshot(self, why: str) -> None:
         log.warning("discarding the index snapshot (%s): reading the whole features topic", why)
@@ -177,7 +182,7 @@ class FeatureFollower:
                 await self._discard_snapshot(f"the broker has no offset {exc}")
                 checked_snapshot = True
                 continue
-            marks = {tp: self._consumer.highwater(tp) for tp in self._partitions}
+            marks = {tp: self._kafka.highwater(tp) for tp in self._partitions}
             if any(mark is None for mark in marks.values()):
                 continue
             if not checked_snapshot:
@@ -196,7 +201,7 @@ class FeatureFollower:
         log.info("caught up with %s: %d products indexed", self.settings.features_topic, len(self.index))
 
     async def _poll(self, timeout_ms: int) -> None:
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=4096)
+        batches = await self._kafka.getmany(timeout_ms=timeout_ms, max_records=4096)
         if not batches:
             return
         events = []
@@ -231,16 +236,18 @@ class FeatureFollower:
     async def _follow(self) -> None:
         """Poll forever from the offsets after the last applied records (re-seeked, so a restart after a
         failure re-reads what the failed poll fetched); every successful poll reports recovery."""
+        supervisor = self._supervisor
+        assert supervisor is not None  # run_in_background sets it before it starts this task
         for tp, offset in self._next.items():
-            self._consumer.seek(tp, offset)
+            self._kafka.seek(tp, offset)
         while True:
             try:
                 await self._poll(1000)
             except OffsetOutOfRangeError as exc:
                 log.error("features topic offset %s is gone: re-reading the topic from the beginning", exc)
-                await self._consumer.seek_to_beginning(*self._partitions)
+                await self._kafka.seek_to_beginning(*self._partitions)
                 continue
-            self._supervisor.recovered(FOLLOWER_TASK)
+            supervisor.recovered(FOLLOWER_TASK)
 
     async def _write_snapshots(self) -> None:
         while True:

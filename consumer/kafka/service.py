@@ -17,6 +17,7 @@ pending rebalance cuts the collection short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -45,11 +46,12 @@ from consumer.pipeline.backpressure import MemoryGuard
 from consumer.pipeline.batching import collect_batch
 from consumer.pipeline.catalog import fill_index_from_store, reencode_other_models
 from consumer.pipeline.features import feature_event
-from consumer.pipeline.products import ProductHandler, ProductOutcome
-from consumer.pipeline.search import IndexRanker, SearchHandler, StoreRanker
 from consumer.pipeline.messages import dead_letter
 from consumer.pipeline.outcomes import BatchReport
-from consumer.pipeline.processor import BatchProcessor
+from consumer.pipeline.processor import BatchProcessor, CachedReply
+from consumer.pipeline.products import ProductHandler, ProductOutcome
+from consumer.pipeline.reply_cache import ReplyCache
+from consumer.pipeline.search import IndexRanker, SearchHandler, StoreRanker
 from consumer.store.client import MongoUnreachable, check_mongo
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class _WaitForBatch(ConsumerRebalanceListener):
+class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information, so its base class is Any
     def __init__(self, service: Service) -> None:
         self.service = service
 
@@ -131,8 +133,15 @@ class Service:
         return search, products
 
     @property
-    def reply_cache(self):  # noqa: ANN201 - the processor's ReplyCache
+    def reply_cache(self) -> ReplyCache[CachedReply]:
+        """The processor's cache of first replies."""
         return self.processor.reply_cache
+
+    @property
+    def _group_consumer(self) -> AIOKafkaConsumer:
+        """The group consumer ``start`` made; the batch steps only run after it."""
+        assert self.consumer is not None, "Service.start() has not run"
+        return self.consumer
 
     @property
     def topics(self) -> list[str]:
@@ -242,10 +251,8 @@ class Service:
                     raise
                 delay = self.retry_policy.delay(failures)
                 log.warning("could not %s (attempt %d: %s: %s); retrying in %.1fs", what, failures, type(exc).__name__, exc, delay)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
-                except TimeoutError:
-                    pass
 
     async def run(self) -> None:
         """Loop until ``request_stop``: collect, handle, publish (acknowledged), commit.
@@ -296,15 +303,19 @@ class Service:
         report, outbound = await self.process(records)
         await self._with_backoff("publish replies", lambda: self._publish_batch(report, outbound))
         acknowledged_at = time.time()
-        offsets = {TopicPartition(*tp): o for tp, o in report.offsets.items() if tp not in report.rewind}
+        offsets = {TopicPartition(*tp): report.defer.get(tp, o) for tp, o in report.offsets.items() if tp not in report.rewind}
         await self._commit(offsets)
+        consumer = self._group_consumer
+        for tp, offset in report.defer.items():
+            if tp not in report.rewind and TopicPartition(*tp) in consumer.assignment():
+                consumer.seek(TopicPartition(*tp), offset)
         for tp, offset in offsets.items():
             self.pauses.succeeded(tp)
             self.processor.forget_attempts(tp.topic, tp.partition, offset)
         rewind = {TopicPartition(*tp): o for tp, o in report.rewind.items()}
         reasons = {TopicPartition(*tp): r for tp, r in report.retry_reasons.items()}
         self.pauses.retry_later(self.consumer, rewind, reasons)
-        self.metrics.partitions_retrying.set(self.pauses.retrying(self.consumer.assignment()))
+        self.metrics.partitions_retrying.set(self.pauses.retrying(self._group_consumer.assignment()))
         self.batches += 1
         self.metrics.observe_batch(report, started=started, acknowledged_at=acknowledged_at)
 
@@ -351,7 +362,7 @@ class Service:
         if not offsets:
             return
         try:
-            await self.consumer.commit(offsets)
+            await self._group_consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("commit failed after a rebalance (%s); the new owner re-delivers these records", exc)
 
@@ -360,7 +371,8 @@ class Service:
         action = self.memory_guard.update()
         self.metrics.set_paused(self.memory_guard.paused)
         if self.memory_guard.paused:
-            self.consumer.pause(*self.consumer.assignment())
+            consumer = self._group_consumer
+            consumer.pause(*consumer.assignment())
         if action == "pause":
             self.reply_cache.clear()
             if self.settings.role is not Role.INGEST:
@@ -369,7 +381,8 @@ class Service:
             log.warning("memory above MEMORY_LIMIT_MB=%s: fetching paused", self.settings.memory_limit_mb)
         elif action == "resume":
             waiting = self.pauses.waiting()
-            self.consumer.resume(*(tp for tp in self.consumer.assignment() if tp not in waiting))
+            consumer = self._group_consumer
+            consumer.resume(*(tp for tp in consumer.assignment() if tp not in waiting))
             log.info("memory back under the low-water mark: fetching resumed")
 
     async def _fetch(self, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
@@ -382,7 +395,7 @@ class Service:
         """
         if self._stopping.is_set() or self._revoking.is_set():
             return []
-        fetch = asyncio.ensure_future(self.consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
+        fetch = asyncio.ensure_future(self._group_consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
         revoking = asyncio.ensure_future(self._revoking.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:

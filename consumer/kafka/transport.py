@@ -8,6 +8,7 @@ The layers above see ``Outbound`` messages (``consumer.domain.messages``) and ``
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -55,7 +56,7 @@ async def publish_each(
     (None: the producer's own request timeout). Any other failure raises, so the caller
     retries the publish (at least once). Returns when every other message is acknowledged.
     """
-    sent: list[tuple[Outbound, asyncio.Future]] = []
+    sent: list[tuple[Outbound, asyncio.Future[Any]]] = []
     failed: list[tuple[Outbound, BaseException]] = []
     for m in messages:
         send = producer.send(m.topic, value=m.value, key=m.key, headers=m.headers or None)
@@ -71,7 +72,7 @@ async def publish_each(
             continue
         sent.append((m, future))
     results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-    for (m, _), result in zip(sent, results):
+    for (m, _), result in zip(sent, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, _gives_up_on(m)):
                 raise result

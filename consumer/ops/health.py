@@ -25,7 +25,7 @@ from consumer.domain.wire import JSON_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
-Readiness = Callable[[], "str | None | Awaitable[str | None]"]
+Readiness = Callable[[], "str | Awaitable[str | None] | None"]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 _MAX_HEAD = 16 * 1024
@@ -56,7 +56,8 @@ class HealthServer:
     def port(self) -> int:
         """The bound port (only after ``start``)."""
         assert self._server is not None, "not started"
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     async def start(self) -> HealthServer:
         """Bind and start serving; raises OSError if the address is taken."""
@@ -84,7 +85,7 @@ class HealthServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout_s)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
         try:
@@ -128,7 +129,7 @@ class HealthServer:
             if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, self.readiness_timeout_s)
             return result
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"readiness check took longer than {self.readiness_timeout_s}s"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing check is reported as the not-ready reason
             return f"readiness check failed: {exc!r}"

@@ -22,6 +22,10 @@ import ctypes.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr
 
 __all__ = [
     "ProcMemory",
@@ -141,7 +145,7 @@ def cgroup_limit_bytes(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim():
+def _malloc_trim() -> CFuncPtr | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from consumer.ops import memory
 from consumer.domain.errors import owner_of
+from consumer.ops import memory
 from consumer.pipeline.outcomes import DEAD_LETTERED, BatchReport, Outcome, RecordOutcome
 
 if TYPE_CHECKING:
@@ -228,13 +228,15 @@ class ServiceMetrics:
         for key in self._lag_labels - keep:
             self.consumer_lag.remove(*key)
         self._lag_labels &= keep
+        if consumer is None:
+            return
         for tp in assigned:
             try:
                 high = consumer.highwater(tp)
                 if high is None:
                     continue
                 position = await asyncio.wait_for(consumer.position(tp), timeout_s)
-            except Exception as exc:  # revoked meanwhile or no position yet: the next update reports it
+            except Exception as exc:  # noqa: BLE001 - revoked meanwhile or no position yet: the next update reports it
                 log.debug("no lag for %s: %r", tp, exc)
                 continue
             key = (tp.topic, str(tp.partition))

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from prometheus_client import Counter
@@ -64,7 +64,8 @@ class _Supervised:
     factory: Callable[[], Awaitable[object]]
     policy: Policy
     reports_recovery: bool
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] = field(init=False)
+    """Set by ``Supervisor.start`` right after the entry is made."""
     failures: int = 0
 
 
@@ -122,7 +123,7 @@ class Supervisor:
             try:
                 await entry.factory()
             except asyncio.CancelledError as exc:
-                if asyncio.current_task().cancelling():
+                if (current := asyncio.current_task()) is not None and current.cancelling():
                     raise
                 error = exc
             except Exception as exc:  # noqa: BLE001 - every failure is logged, counted and acted on below

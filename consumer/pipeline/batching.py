@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 __all__ = ["collect_batch"]
@@ -57,6 +57,6 @@ async def collect_batch(
     return batch
 
 
-def _check_size(items: list[object], limit: int) -> None:
+def _check_size(items: Sequence[object], limit: int) -> None:
     if len(items) > limit:
         raise ValueError(f"fetch returned {len(items)} items, asked for at most {limit}")

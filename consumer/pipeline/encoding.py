@@ -29,8 +29,8 @@ async def encode_rows(encoder: Encoder, texts: list[tuple[int, str]], images: li
     out: list[tuple[int, np.ndarray]] = []
     if texts:
         emb = await asyncio.to_thread(encoder.encode_text, [t for _, t in texts])
-        out.extend((i, vec) for (i, _), vec in zip(texts, emb))
+        out.extend((i, vec) for (i, _), vec in zip(texts, emb, strict=True))
     if images:
         emb = await asyncio.to_thread(encoder.encode_images, np.stack([p for _, p in images]))
-        out.extend((i, vec) for (i, _), vec in zip(images, emb))
+        out.extend((i, vec) for (i, _), vec in zip(images, emb, strict=True))
     return out

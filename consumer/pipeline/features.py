@@ -56,7 +56,7 @@ class _UpsertRun:
     def flush(self) -> None:
         if not self.events:
             return
-        matrix, rejected = decode_features([e.feature_b64 for e in self.events], self.index.dim)
+        matrix, rejected = decode_features([e.feature_b64 or "" for e in self.events], self.index.dim)
         skip = set(rejected)
         self.report.invalid.extend(self.events[i].product_id for i in rejected)
         metas = [

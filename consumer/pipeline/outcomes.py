@@ -90,6 +90,9 @@ class BatchReport:
     """Next offset to commit per (topic, partition)."""
     rewind: dict[Partition, int] = field(default_factory=dict)
     """Partitions whose records could not be handled (e.g. store down): seek back here and retry later."""
+    defer: dict[Partition, int] = field(default_factory=dict)
+    """Partitions whose records from this offset on were left for the next batch (``MAX_IMAGES_PER_BATCH``):
+    commit up to it and read on from it, at once."""
     retry_reasons: dict[Partition, str] = field(default_factory=dict)
     """Why each partition in ``rewind`` is retried (reported by ``/readyz`` until it succeeds)."""
     search_timings: Timings | None = None

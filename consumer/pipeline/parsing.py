@@ -8,6 +8,7 @@ request's error reply may go, and ``error_reply`` builds that reply. No I/O, no 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -17,7 +18,7 @@ from schemas import SCHEMA_VERSION, ErrorDetail, ErrorReply, ProductUpdated, Sea
 _FILTER_FIELDS = {"category", "min_price", "max_price"}
 
 
-def _load_json(raw: bytes | None, max_bytes: int) -> dict:
+def _load_json(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     if raw is None:
         raise InvalidJson("message has no value")
     if len(raw) > max_bytes:

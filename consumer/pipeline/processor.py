@@ -20,15 +20,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.config.settings import Settings
+from consumer.config.settings import Role, Settings
 from consumer.domain.errors import InputError, ReplyTopicNotAllowed, ServiceFailure, is_dependency_outage
 from consumer.domain.messages import Outbound
+from consumer.pipeline.messages import dead_letter, reply_message
+from consumer.pipeline.outcomes import BatchReport, Outcome, Partition, Record, RecordOutcome
 from consumer.pipeline.parsing import error_reply, parse_product, parse_search, reply_address
 from consumer.pipeline.products import ProductHandler
-from consumer.pipeline.search import PendingSearch, SearchHandler
-from consumer.pipeline.outcomes import BatchReport, Outcome, Partition, Record, RecordOutcome
 from consumer.pipeline.reply_cache import ReplyCache
-from consumer.pipeline.messages import dead_letter, reply_message
+from consumer.pipeline.search import PendingSearch, SearchHandler
 from schemas import ProductUpdated, SearchRequest, SearchResult
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class BatchProcessor:
         """Outbound messages for ``records`` and a report with one outcome per record that is not retried."""
         batch = _Batch(self.settings, records)
         updates, searches, duplicates = self._route(batch)
+        updates = self._within_image_budget(batch, updates)
         if updates:
             await self._apply_updates(batch, updates)
         if searches:
@@ -66,12 +67,36 @@ class BatchProcessor:
                 batch.emit(record, Outcome.DUPLICATE, [first.message], first.code)
         return batch.finish()
 
+    def _within_image_budget(self, batch: _Batch, updates: list[tuple[Record, ProductUpdated]]) -> list[tuple[Record, ProductUpdated]]:
+        """ROLE=all: the updates of the batch up to ``MAX_IMAGES_PER_BATCH`` images; from the first one over it,
+        each partition's later updates are deferred to the next batch, so a catalog burst never holds
+        searches for more than a few image encodes."""
+        if self.settings.role is not Role.ALL:
+            return updates
+        kept: list[tuple[Record, ProductUpdated]] = []
+        deferred: set[Partition] = set()
+        images = 0
+        for record, update in updates:
+            tp = Partition(record.topic, record.partition)
+            if tp in deferred:
+                continue
+            if update.image_b64 and not update.deleted:
+                if images >= self.settings.max_images_per_batch:
+                    batch.defer(record)
+                    deferred.add(tp)
+                    continue
+                images += 1
+            kept.append((record, update))
+        return kept
+
     def forget_attempts(self, topic: str, partition: int, committed: int) -> None:
         """Drop the failure counts of records before ``committed`` in that partition: they are done."""
         for key in [k for k in self._attempts if k[:2] == (topic, partition) and k[2] < committed]:
             del self._attempts[key]
 
-    def _route(self, batch: _Batch) -> tuple[list[tuple[Record, ProductUpdated]], list[tuple[Record, PendingSearch]], list]:
+    def _route(
+        self, batch: _Batch
+    ) -> tuple[list[tuple[Record, ProductUpdated]], list[tuple[Record, PendingSearch]], list[tuple[Record, str, CachedReply | None]]]:
         s = self.settings
         updates: list[tuple[Record, ProductUpdated]] = []
         searches: list[tuple[Record, PendingSearch]] = []
@@ -160,7 +185,7 @@ class BatchProcessor:
         """
         try:
             return list(await handle(items))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an outage is retried, anything else is isolated by bisecting the batch
             reason = f"{what} failed: {type(exc).__name__}: {exc}"
             if is_dependency_outage(exc):
                 log.warning("%s (dependency unavailable?); will retry %d records", reason, len(items))
@@ -170,17 +195,17 @@ class BatchProcessor:
                 mid = len(items) // 2
                 first = await self._isolating(handle, items[:mid], records[:mid], batch, what)
                 return first + await self._isolating(handle, items[mid:], records[mid:], batch, what)
-            return [self._failed_alone(records[0], batch, what, reason)]
+            return [self._failed_alone(records[0], batch, what, reason, exc)]
 
-    def _failed_alone(self, record: Record, batch: _Batch, what: str, reason: str) -> ServiceFailure | None:
+    def _failed_alone(self, record: Record, batch: _Batch, what: str, reason: str, exc: Exception) -> ServiceFailure | None:
         key = (record.topic, record.partition, record.offset)
         limit = self.settings.poison_max_attempts
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         if attempts < limit:
-            log.exception("%s at %s[%d]@%d, attempt %d of %d; will retry", what, *key, attempts, limit)
+            log.error("%s at %s[%d]@%d, attempt %d of %d; will retry", what, *key, attempts, limit, exc_info=exc)
             batch.retry([record], reason)
             return None
-        log.exception("%s at %s[%d]@%d failed %d times: dead-lettered as internal_error", what, *key, attempts)
+        log.error("%s at %s[%d]@%d failed %d times: dead-lettered as internal_error", what, *key, attempts, exc_info=exc)
         del self._attempts[key]
         return ServiceFailure(reason[:1000])
 
@@ -199,6 +224,10 @@ class _Batch:
 
     def emit(self, record: Record, outcome: Outcome, messages: list[Outbound], code: str | None = None) -> None:
         self._emitted.append((record, RecordOutcome.of(record, outcome, code), messages))
+
+    def defer(self, record: Record) -> None:
+        tp = Partition(record.topic, record.partition)
+        self.report.defer[tp] = min(self.report.defer.get(tp, record.offset), record.offset)
 
     def retry(self, records: Sequence[Record], reason: str) -> None:
         for r in records:

@@ -9,7 +9,7 @@ exception. Nothing here knows about Kafka.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,7 +73,7 @@ class ProductHandler:
         index: FeatureIndex | None,
         image_limits: ImageLimits,
         store: ProductStoreLike | None = None,
-        before_apply=None,
+        before_apply: Callable[[list[ProductOutcome]], Awaitable[None]] | None = None,
         on_encoded: Callable[[str, int], None] | None = None,
     ) -> None:
         self.encoder = encoder
@@ -122,15 +122,15 @@ class ProductHandler:
         """One outcome per update, in order; stale updates are skipped before any encoding."""
         held = await self.held_versions(updates)
         todo = [i for i, u in enumerate(updates) if u.version > held.get(u.product_id, -1)]
-        features = dict(zip(todo, await self.encode([updates[i] for i in todo])))
+        features = dict(zip(todo, await self.encode([updates[i] for i in todo]), strict=True))
         outcomes = []
         for i, u in enumerate(updates):
             if i not in features:
                 outcomes.append(ProductOutcome(u, "stale"))
-            elif isinstance(features[i], InputError):
-                outcomes.append(ProductOutcome(u, "error", error=features[i]))
+            elif isinstance(feature := features[i], InputError):
+                outcomes.append(ProductOutcome(u, "error", error=feature))
             else:
-                outcomes.append(ProductOutcome(u, "encoded", feature=features[i]))
+                outcomes.append(ProductOutcome(u, "encoded", feature=feature))
         if self.before_apply is not None:
             await self.before_apply([o for o in outcomes if o.status == "encoded"])
         return [
@@ -146,6 +146,7 @@ class ProductHandler:
             if update.deleted:
                 stored = await self.store.delete(update.product_id, update.version)
             else:
+                assert feature is not None  # only deletes have no feature (``encode``)
                 image = base64.b64decode(update.image_b64) if update.image_b64 else None
                 stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id, image)
             if not stored:
@@ -154,4 +155,5 @@ class ProductHandler:
             return True
         if update.deleted:
             return self.index.delete(update.product_id, update.version)
+        assert feature is not None  # only deletes have no feature (``encode``)
         return self.index.upsert(product_meta(update), feature)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -35,6 +35,14 @@ class Ranker(Protocol):
     async def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]: ...
 
 
+class StoreSearch(Protocol):
+    """What ``StoreRanker`` needs of the product store (``consumer.store.product_store.ProductStore``)."""
+
+    async def search(
+        self, queries: np.ndarray, params: Sequence[Query], model_id: str, chunk_rows: int = ...
+    ) -> list[list[tuple[Hit, ProductMeta]]]: ...
+
+
 class IndexRanker:
     """Ranks against the in-memory ``FeatureIndex`` (cached mode) in a worker thread.
 
@@ -53,7 +61,7 @@ class IndexRanker:
 class StoreRanker:
     """Ranks by streaming stored features in bounded chunks (on-demand mode, no product matrix in memory)."""
 
-    def __init__(self, store, model_id: str, chunk_rows: int) -> None:
+    def __init__(self, store: StoreSearch, model_id: str, chunk_rows: int) -> None:
         self.store = store
         self.model_id = model_id
         self.chunk_rows = chunk_rows
@@ -103,7 +111,7 @@ class SearchHandler:
         default_top_k: int,
         default_threshold: float,
         image_limits: ImageLimits,
-        clock=time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.encoder = encoder
         self.ranker = ranker
@@ -124,7 +132,7 @@ class SearchHandler:
         inputs = await self._prepare(batch, start)
         live = inputs.live
         if not live:
-            return inputs.outcomes  # type: ignore[return-value]
+            return cast(list[SearchOutcome], inputs.outcomes)  # every row was answered early
         enc_start = self.clock()
         queries = await self._encode_queries(len(batch), live, inputs)
         encode_s = self.clock() - enc_start
@@ -133,16 +141,16 @@ class SearchHandler:
         ranked = await self.ranker.search(queries, params)
         rank_s = self.clock() - rank_start
         times = _BatchTimes(start, encode_s, rank_s, self.clock(), len(live))
-        for i, hits in zip(live, ranked):
+        for i, hits in zip(live, ranked, strict=True):
             inputs.outcomes[i] = self._result(batch[i], hits, times)
-        return inputs.outcomes  # type: ignore[return-value]
+        return cast(list[SearchOutcome], inputs.outcomes)  # the live rows are answered now, the others were before
 
     async def _prepare(self, batch: list[PendingSearch], now: float) -> _Inputs:
         """Error replies for expired requests and unusable images; the rest's texts and decoded images by row."""
         inputs = _Inputs([None] * len(batch), [], [])
         for i, pending in enumerate(batch):
             req = pending.request
-            if self._expired(req, now):
+            if req.deadline is not None and self._expired(req, now):
                 inputs.outcomes[i] = error_reply(
                     req.request_id, DeadlineExpired(f"deadline {req.deadline.isoformat()} passed before processing")
                 )

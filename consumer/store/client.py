@@ -13,12 +13,15 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consumer.config.redaction import parse_mongo_uri, scrub
 from consumer.config.security import MongoSecuritySettings
 from consumer.config.settings import Settings
 from consumer.domain.errors import StartupError
+
+if TYPE_CHECKING:
+    from pymongo import AsyncMongoClient
 
 
 class MongoUnreachable(StartupError):
@@ -45,7 +48,7 @@ def mongo_client_options(settings: MongoSecuritySettings) -> dict[str, Any]:
     return options
 
 
-def mongo_client(settings: Settings, **overrides: Any):
+def mongo_client(settings: Settings, **overrides: Any) -> AsyncMongoClient[dict[str, Any]]:
     """An ``AsyncMongoClient`` for ``MONGODB_URI`` with the credential/TLS settings (``overrides`` win).
 
     The client connects lazily; ``check_mongo`` turns a first failure into a ``StartupError``.
@@ -62,7 +65,7 @@ def mongo_client(settings: Settings, **overrides: Any):
     return AsyncMongoClient(uri, **(defaults | mongo_client_options(settings) | overrides))
 
 
-async def check_mongo(client, settings: Settings, timeout: float = 30.0) -> None:
+async def check_mongo(client: AsyncMongoClient[dict[str, Any]], settings: Settings, timeout: float = 30.0) -> None:
     """Ping MongoDB; raise ``StartupError`` naming the settings to check if that fails within ``timeout``.
 
     Refused credentials and TLS failures raise ``StartupError``; a server that does not answer

@@ -66,7 +66,7 @@ class ProductStore:
 
     def __init__(
         self,
-        client: AsyncMongoClient,
+        client: AsyncMongoClient[dict[str, Any]],
         database: str,
         collection: str = "products",
         *,
@@ -79,10 +79,10 @@ class ProductStore:
         if journal and not concern.document.get("j") and not concern.document.get("fsync"):
             coll = coll.with_options(write_concern=WriteConcern(**{**concern.document, "j": True}))
         self._client = client
-        self._collection: AsyncCollection = coll
+        self._collection: AsyncCollection[dict[str, Any]] = coll
 
     @property
-    def collection(self) -> AsyncCollection:
+    def collection(self) -> AsyncCollection[dict[str, Any]]:
         return self._collection
 
     async def ensure_indexes(self) -> None:
@@ -142,7 +142,7 @@ class ProductStore:
         """
         update = {
             "$set": {"version": version, "deleted": True, "updated_at": datetime.now(UTC)},
-            "$unset": {field: "" for field in _LIVE_FIELDS},
+            "$unset": dict.fromkeys(_LIVE_FIELDS, ""),
         }
         return await self._apply(
             _Write(

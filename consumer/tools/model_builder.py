@@ -75,7 +75,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(2**8 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,16 +85,18 @@ def clip_vocab_and_merges(bpe_path: Path = BPE_PATH) -> tuple[dict[str, int], tu
     Same construction as OpenAI CLIP / open_clip ``SimpleTokenizer``: byte alphabet, the alphabet
     with ``</w>``, every merge joined, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
     """
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
-    if any(len(m) != 2 for m in merges):
+    with gzip.open(bpe_path) as merges_file:
+        lines = merges_file.read().decode("utf-8").split("\n")
+    pairs = [line.split() for line in lines[1 : 49152 - 256 - 2 + 1]]
+    if any(len(p) != 2 for p in pairs):
         raise ValueError(f"malformed BPE merges file: {bpe_path}")
+    merges = tuple((first, second) for first, second in pairs)
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE or vocab[BOS_TOKEN] != BOS_TOKEN_ID or vocab[EOS_TOKEN] != EOS_TOKEN_ID:
         raise ValueError(f"rebuilt CLIP vocab is inconsistent ({len(vocab)} tokens) from {bpe_path}")
-    return vocab, merges  # type: ignore[return-value]
+    return vocab, merges
 
 
 def write_vocab_files(directory: Path, bpe_path: Path = BPE_PATH) -> tuple[Path, Path]:
@@ -116,12 +118,12 @@ def check_tokenizer(tokenizer: Any) -> None:
 
 
 def build_tokenizer(bpe_path: Path = BPE_PATH) -> Any:
-    """Return a verified ``CLIPTokenizerFast`` (real CLIP BPE, bos/eos/pad ids 49406/49407/49407, max length 77)."""
-    from transformers import CLIPTokenizerFast
+    """Return a verified ``CLIPTokenizer`` (the fast, ``tokenizers``-backed one) (real CLIP BPE, bos/eos/pad ids 49406/49407/49407, max length 77)."""
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:
         write_vocab_files(Path(tmp), bpe_path)
-        tokenizer = CLIPTokenizerFast.from_pretrained(  # nosec B615  # a temporary local directory, never the hub
+        tokenizer = CLIPTokenizer.from_pretrained(  # nosec B615  # a temporary local directory, never the hub
             tmp,
             bos_token=BOS_TOKEN,
             eos_token=EOS_TOKEN,
@@ -202,10 +204,15 @@ def _is_complete(directory: Path, size: str, seed: int) -> bool:
 
 def _save_image_processor(directory: Path) -> None:
     """Save CLIP's preprocessor config; uses the PIL backend class since torchvision may be absent."""
+    processor_cls: type[Any]
     try:
-        from transformers import CLIPImageProcessorPil as processor_cls
+        from transformers import CLIPImageProcessorPil
+
+        processor_cls = CLIPImageProcessorPil
     except ImportError:
-        from transformers import CLIPImageProcessor as processor_cls
+        from transformers import CLIPImageProcessor
+
+        processor_cls = CLIPImageProcessor
     processor = processor_cls(
         do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},
@@ -306,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete model exists")
     args = parser.parse_args(argv)
-    if args.force or not _is_complete(args.out, args.size, args.seed):
-        if missing := missing_extra("clip-search-build-model", TORCH_BACKEND_MODULES):
-            parser.exit(1, missing + "\n")
+    if (args.force or not _is_complete(args.out, args.size, args.seed)) and (
+        missing := missing_extra("clip-search-build-model", TORCH_BACKEND_MODULES)
+    ):
+        parser.exit(1, missing + "\n")
 
     started = time.perf_counter()
     out = build_random_clip(args.out, args.size, args.seed, force=args.force)

@@ -29,8 +29,9 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from consumer.encoder.extras import EXPORT_MODULES, missing_extra
 from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest
@@ -141,7 +142,9 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _trace_to_onnx(tower: Any, example: tuple, path: Path, inputs: dict[str, dict], outputs: dict[str, dict]) -> None:
+def _trace_to_onnx(
+    tower: Any, example: tuple[Any, ...], path: Path, inputs: dict[str, dict[int, str]], outputs: dict[str, dict[int, str]]
+) -> None:
     """Trace ``tower`` on ``example`` into ``path``; ``inputs``/``outputs`` name the tensors in order, with their dynamic axes."""
     import torch
 
@@ -171,7 +174,8 @@ def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
             self.model = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+            embeds: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+            return embeds
 
     cfg = model.config
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 49406
@@ -204,7 +208,8 @@ def _export_vision(model_dir: str, path: Path) -> dict[str, Any]:
             self.model = model
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=pixel_values).image_embeds
+            embeds: torch.Tensor = self.model(pixel_values=pixel_values).image_embeds
+            return embeds
 
     size = int(model.config.image_size)
     _trace_to_onnx(VisionTower(), (torch.zeros(2, 3, size, size),), path, {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}})
@@ -242,9 +247,9 @@ def _save_ort_format(src: Path, dst: Path) -> None:
 
 def _save_tokenizer(model_dir: str, dst: Path) -> dict[str, Any]:
     """Copy (or regenerate) ``tokenizer.json`` and return the special tokens the backend needs."""
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizerFast.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
+    tok = CLIPTokenizer.from_pretrained(model_dir)  # nosec B615  # CLIP_MODEL is operator configuration; pin it with a local snapshot directory (README: Security)
     local = Path(model_dir) / TOKENIZER_FILE
     if local.is_file():
         shutil.copyfile(local, dst)
@@ -419,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         towers = _normalise_towers(args.towers)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.force or not is_current(args.model, args.out, towers, args.quantize):
-        if missing := missing_extra("clip-search-export-onnx", EXPORT_MODULES):
-            parser.exit(1, missing + "\n")
+    if (args.force or not is_current(args.model, args.out, towers, args.quantize)) and (
+        missing := missing_extra("clip-search-export-onnx", EXPORT_MODULES)
+    ):
+        parser.exit(1, missing + "\n")
 
     started = time.perf_counter()
     try:

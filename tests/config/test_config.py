@@ -42,6 +42,7 @@ def test_invalid_config_names_the_variable(monkeypatch, var, value, named):
     assert named in str(exc.value)
 
 
+@pytest.mark.integration  # starts the service as a process
 def test_service_exits_at_start_with_a_readable_message():
     env = {"PATH": "/usr/bin:/bin", "MAX_BATCH_SIZE": "-3", "HOME": "/tmp"}
     proc = subprocess.run([sys.executable, "-m", "consumer"], env=env, capture_output=True, text=True, timeout=60, cwd=".")

@@ -20,18 +20,7 @@ from consumer.kafka.clients import make_producer, start_kafka_client
 from consumer.kafka.transport import publish_all
 from devservices import free_port
 from tests.conftest import topic_names, wait_for
-from tests.tls_services import (  # noqa: F401 - fixtures
-    CLIENT_KEY_PASSWORD,
-    MONGO_PASSWORD,
-    MONGO_USER,
-    create_topics,
-    pki,
-    read_topic,
-    sasl_broker,
-    sasl_settings,
-    tls_kafka,
-    tls_mongo,
-)
+from tests.tls_services import CLIENT_KEY_PASSWORD, MONGO_PASSWORD, MONGO_USER, create_topics, read_topic, sasl_settings
 
 SASL_PASSWORD = "sasl-password-Qm4"
 SECRETS = (CLIENT_KEY_PASSWORD, MONGO_PASSWORD, SASL_PASSWORD)
@@ -93,7 +82,7 @@ async def test_secrets_stay_out_of_logs_replies_dead_letters_and_metrics(
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(app.serve(settings))
     try:
-        await wait_for(lambda: services and services[0].assigned.is_set() or task.done(), what="service started")
+        await wait_for(lambda: (services and services[0].assigned.is_set()) or task.done(), what="service started")
         assert not task.done(), task.exception()
         service = services[0]
         reply_to = topics["REPLY_TOPIC"]

@@ -46,15 +46,12 @@ def settings(**values) -> Settings:
 
 
 def sasl(**values) -> dict:
-    return (
-        dict(
-            kafka_security_protocol="SASL_SSL",
-            kafka_sasl_mechanism="SCRAM-SHA-512",
-            kafka_sasl_username="svc-clip",
-            kafka_sasl_password=PASSWORD,
-        )
-        | values
-    )
+    return {
+        "kafka_security_protocol": "SASL_SSL",
+        "kafka_sasl_mechanism": "SCRAM-SHA-512",
+        "kafka_sasl_username": "svc-clip",
+        "kafka_sasl_password": PASSWORD,
+    } | values
 
 
 def test_plaintext_is_the_default_and_adds_nothing():
@@ -262,7 +259,7 @@ async def test_a_url_in_query_image_b64_is_invalid_base64_and_never_fetched(tiny
         monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: opened.append(a) or pytest.fail("name lookup"))
         request = {"request_id": "url-1", "query_image_b64": url}
         record = ConsumerRecord(service.settings.search_requests_topic, 0, 7, 0, 0, None, json.dumps(request).encode(), None, 0, 0, [])
-        report, out = await service.process([record])
+        _report, out = await service.process([record])
         with pytest.raises(BlockingIOError):
             server.accept()
     assert opened == []

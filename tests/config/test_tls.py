@@ -23,21 +23,10 @@ from consumer.kafka.transport import publish_all
 from consumer.store.client import check_mongo, mongo_client
 from devservices import free_port
 from tests.conftest import running, topic_names, wait_for
-from tests.tls_services import (  # noqa: F401 - fixtures
-    MONGO_PASSWORD,
-    MONGO_USER,
-    create_topics,
-    pki,
-    read_topic,
-    sasl_broker,
-    sasl_settings,
-    ssl_settings,
-    tls_kafka,
-    tls_mongo,
-)
+from tests.tls_services import MONGO_PASSWORD, MONGO_USER, create_topics, read_topic, sasl_settings, ssl_settings
 
 START_BOUND_S = 20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def start_error(settings: Settings) -> str:
@@ -150,14 +139,14 @@ async def test_tls_against_a_plaintext_listener_fails_with_a_bounded_error_namin
 
 
 def mongo_settings(pki, tls_mongo, **overrides) -> Settings:
-    values = dict(
-        mongodb_uri=tls_mongo.uri,
-        mongodb_tls=True,
-        mongodb_tls_ca_file=pki.ca,
-        mongodb_username=MONGO_USER,
-        mongodb_password=MONGO_PASSWORD,
-        _env_file=None,
-    )
+    values = {
+        "mongodb_uri": tls_mongo.uri,
+        "mongodb_tls": True,
+        "mongodb_tls_ca_file": pki.ca,
+        "mongodb_username": MONGO_USER,
+        "mongodb_password": MONGO_PASSWORD,
+        "_env_file": None,
+    }
     return Settings(**(values | overrides))
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from consumer.config.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 ONE_SHOT = {"kafka-init", "model-export"}
 """Services that run once and exit: others wait for them with ``service_completed_successfully``."""

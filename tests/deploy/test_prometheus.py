@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from consumer.ops import memory
 from consumer.app import health_server
+from consumer.ops import memory
 from devservices import free_port
 from devservices.prometheus import PrometheusServer, prometheus_binary, promtool_binary
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import running, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = sorted((REPO / "prometheus" / "rules").glob("*.yml"))
 RULE_TESTS = sorted((REPO / "prometheus" / "tests").glob("*.yml"))
 DASHBOARDS = sorted((REPO / "grafana").rglob("*.json"))
@@ -66,7 +66,7 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
         for var in dashboard.get("templating", {}).get("list", []):
             variables[var["name"]] = var.get("allValue") or ".*"
 
-        def substitute(expr: str) -> str:
+        def substitute(expr: str, variables: dict[str, str] = variables, path: Path = path) -> str:
             def value(m: re.Match) -> str:
                 name = m.group(1) or m.group(2) or m.group(3)
                 if name not in variables:
@@ -121,6 +121,7 @@ def test_dashboards_have_queries():
     assert all("$" not in q for _, _, q in queries)
 
 
+@pytest.mark.integration  # needs Prometheus's promtool (the prometheus package ./run.sh test installs)
 def test_prometheus_configs_and_rules_pass_promtool(tmp_path):
     for config in (REPO / "prometheus" / "prometheus.yml", tmp_path / "generated.yml"):
         if config.name == "generated.yml":

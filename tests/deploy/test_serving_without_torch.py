@@ -25,9 +25,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from consumer.encoder.extras import EXPORT_MODULES, INSTALL, TORCH_BACKEND_MODULES
-from consumer.tools.onnx_export import export_onnx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXPORT_ONLY = {"torch", "transformers", "onnx", "safetensors"}
 CATALOG_IMAGE = min((REPO / "producer_examples" / "catalog" / "images").glob("*.png"))
@@ -49,7 +48,7 @@ def test_core_dependencies_name_neither_torch_nor_transformers():
 def test_export_extra_pins_the_cpu_torch_and_dev_includes_it():
     extras = PYPROJECT["project"]["optional-dependencies"]
     export = {canonicalize_name(Requirement(r).name): Requirement(r) for r in extras["export"]}
-    assert EXPORT_ONLY <= set(export)
+    assert set(export) >= EXPORT_ONLY
     assert str(export["torch"].specifier) == "==2.13.0", "an unpinned torch pulls a multi-GB CUDA build"
     dev = [Requirement(r) for r in extras["dev"]]
     assert any(canonicalize_name(r.name) == "clip-search" and r.extras == {"export"} for r in dev), "dev must include the export extra"
@@ -68,7 +67,7 @@ def test_int8_kernel_graph_is_what_the_onnx_helper_recipe_writes():
     node = helper.make_node("MatMulInteger", ["features", "queries"], ["scores"])
     graph = helper.make_graph([node], "int8_scores", [a, b], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert MODEL_BYTES == model.SerializeToString()
+    assert model.SerializeToString() == MODEL_BYTES
 
 
 # --- an environment with the core dependencies only ---------------------------------------------
@@ -134,11 +133,13 @@ def start_failure(core_site: Path, tmp_path: Path, **env: str) -> str:
     return lines[0]
 
 
+@pytest.mark.integration  # starts the service as a process
 def test_torch_backend_without_the_extra_is_one_line_naming_it(core_site, tiny_model, tmp_path):
     line = start_failure(core_site, tmp_path, ENCODER_BACKEND="torch", CLIP_MODEL=tiny_model)
     assert line == f"clip-search could not start: ENCODER_BACKEND=torch needs torch and transformers: {INSTALL}"
 
 
+@pytest.mark.integration  # starts the service as a process
 def test_a_missing_export_without_the_extra_is_one_line_naming_it(core_site, tiny_model, tmp_path):
     onnx_dir = tmp_path / "no-export-here"
     line = start_failure(core_site, tmp_path, ENCODER_BACKEND="onnx", CLIP_MODEL=tiny_model, ONNX_DIR=str(onnx_dir))
@@ -164,8 +165,8 @@ def test_the_export_and_model_builder_commands_without_the_extra_say_so_in_one_l
 
 
 @pytest.fixture(scope="module")
-def int8_export(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "int8", quantize="int8")
+def int8_export(tiny_exports: dict[str, Path]) -> Path:
+    return tiny_exports["int8"]
 
 
 SERVE = textwrap.dedent(
@@ -229,7 +230,7 @@ def test_the_serving_path_encodes_text_and_images_without_the_extra(core_site, t
 
 
 def test_dockerfile_exports_in_a_build_stage_and_serves_without_torch():
-    """Linted by tests/test_deploy_files.py; here: which stage installs what (no Docker engine to build it)."""
+    """Linted by tests/deploy/test_deploy_files.py; here: which stage installs what (no Docker engine to build it)."""
     text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
     instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     starts = [i for i, line in enumerate(instructions) if line.startswith("FROM ")]

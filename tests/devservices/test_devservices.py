@@ -15,6 +15,8 @@ from pymongo import WriteConcern
 
 from devservices import MongoServer, NoidaBroker, ServiceError, TansuBroker, create_topics, free_port, kafka_ready
 
+pytestmark = pytest.mark.integration  # starts Tansu, noida-db and SecantusDB processes
+
 TOPIC = "products"
 N = 10
 Broker = TansuBroker | NoidaBroker

@@ -145,6 +145,7 @@ def _check_round_trip(name: str, data) -> None:
 _HYPOTHESIS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
 
 
+@pytest.mark.slow  # hypothesis-jsonschema generation: ~15 s for both schemas
 @pytest.mark.parametrize("name", [n for n in SCHEMA_NAMES if n in SERVICE_PARSERS])
 @settings(max_examples=200, **_HYPOTHESIS)
 @given(data=st.data())
@@ -154,6 +155,7 @@ def test_service_accepts_every_input_its_schema_accepts(name, data):
 
 # Fewer examples: hypothesis-jsonschema is slow on nested objects (search_result's items), and
 # these schemas carry no rule beyond their models' field constraints.
+@pytest.mark.slow  # hypothesis-jsonschema generation: ~6 s for the four schemas
 @pytest.mark.parametrize("name", [n for n in SCHEMA_NAMES if n not in SERVICE_PARSERS])
 @settings(max_examples=50, **_HYPOTHESIS)
 @given(data=st.data())

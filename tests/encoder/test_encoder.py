@@ -4,13 +4,12 @@ import threading
 
 import numpy as np
 import pytest
-
-from consumer.app import build_encoder
-from consumer.encoder.manifest import embedding_dim
-from consumer.config.settings import Settings
-from consumer.encoder.images import clip_pixels
 from PIL import Image
 
+from consumer.app import build_encoder
+from consumer.config.settings import Settings
+from consumer.encoder.images import clip_pixels
+from consumer.encoder.manifest import embedding_dim
 
 # (backend, quantize, least cosine between a text's embedding encoded in a batch and encoded alone).
 # fp32: float rounding only. int8: dynamic quantization scales activations per batch, and the tiny random

@@ -15,19 +15,20 @@ import pytest
 from PIL import Image
 
 from consumer.encoder.encoder import Encoder
-from consumer.encoder.torch_backend import TorchBackend
 from consumer.encoder.images import clip_pixels
-from consumer.tools.model_builder import MARKER_FILE, is_random_model
 from consumer.encoder.manifest import MANIFEST_FILE, embedding_dim, read_manifest
 from consumer.encoder.onnx_backend import OnnxBackend
+from consumer.encoder.torch_backend import TorchBackend
+from consumer.tools.model_builder import MARKER_FILE, is_random_model
 from consumer.tools.onnx_export import INT8_OPTIONS, export_in_subprocess, export_onnx, is_current
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CATALOG_IMAGES = sorted((REPO / "producer_examples" / "catalog" / "images").glob("*.png"))
 
 ADJECTIVES = ["red", "waterproof", "vintage", "wireless", "organic", "slim", "heavy-duty", "soft", "Compact", "LARGE"]
 ITEMS = ["leather shoes", "desk lamp", "backpack", "smart watch", "coffee mug"]
-TEXTS = [f"{a} {i}" for a in ADJECTIVES for i in ITEMS][:44] + [
+TEXTS = [
+    *[f"{a} {i}" for a in ADJECTIVES for i in ITEMS][:44],
     "",
     "a photo of a cat",
     "naïve café crème brûlée 😀",
@@ -38,9 +39,8 @@ TEXTS = [f"{a} {i}" for a in ADJECTIVES for i in ITEMS][:44] + [
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("onnx")
-    return {q: export_onnx(tiny_model, root / q, quantize=q) for q in ("none", "int8")}
+def exports(tiny_exports: dict[str, Path]) -> dict[str, Path]:
+    return tiny_exports
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_export_is_idempotent(exports: dict[str, Path], tiny_model: str) -> None
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.slow  # a real ONNX export (the first in a process warms torch.onnx up: ~8 s)
 def test_manifest_mismatch_triggers_reexport(exports: dict[str, Path], tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(exports["none"], out)
@@ -147,6 +148,7 @@ def test_vision_rejects_wrong_shape(exports: dict[str, Path]) -> None:
         tower.encode(np.zeros((1, 3, 64, 64), dtype=np.float32))
 
 
+@pytest.mark.slow  # a real ONNX export
 def test_missing_tower_raises(exports: dict[str, Path], tiny_model: str, tmp_path: Path) -> None:
     out = export_onnx(tiny_model, tmp_path / "text-only", towers=("text",), quantize="int8")
     backend = OnnxBackend(str(out))
@@ -186,6 +188,7 @@ def test_serving_path_never_imports_torch(exports: dict[str, Path]) -> None:
     assert proc.stdout.strip() == "ok"
 
 
+@pytest.mark.slow  # a child process imports torch and exports: ~10 s
 def test_export_in_subprocess(tiny_model: str, tmp_path: Path) -> None:
     out = export_in_subprocess(tiny_model, tmp_path / "sub", towers=("text",), quantize="none")
     assert is_current(tiny_model, out, ("text",), "none")

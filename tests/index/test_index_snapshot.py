@@ -7,8 +7,8 @@ import pytest
 
 from consumer.index import snapshot as index_snapshot
 from consumer.index.feature_index import FeatureIndex, ProductMeta
-from consumer.index.snapshot import SnapshotError, SnapshotFile
 from consumer.index.ranking import Query, SearchFilter
+from consumer.index.snapshot import SnapshotError, SnapshotFile
 
 DIM = 16
 
@@ -118,12 +118,12 @@ def test_restore_rejects_inconsistent_states(tmp_path) -> None:
     state = file.load().state
     index = FeatureIndex(DIM, "float32")
     for broken in (
-        dict(live_slots=state.live_slots + state.matrix.shape[0]),
-        dict(ids=state.ids[:-1]),
-        dict(ids=[state.ids[0]] * len(state.ids)),
-        dict(prices=state.prices[:-1]),
-        dict(category_names=[]),
-        dict(dim=DIM + 1),
+        {"live_slots": state.live_slots + state.matrix.shape[0]},
+        {"ids": state.ids[:-1]},
+        {"ids": [state.ids[0]] * len(state.ids)},
+        {"prices": state.prices[:-1]},
+        {"category_names": []},
+        {"dim": DIM + 1},
     ):
         with pytest.raises(ValueError):
             index.restore(state.__class__(**(vars(state) | broken)))

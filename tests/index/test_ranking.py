@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -29,7 +30,7 @@ def reference_topk(scores: np.ndarray, ids: list[str], mask: np.ndarray | None, 
 def push_in_chunks(queries: list[Query], scores: np.ndarray, ids: list[str], mask: np.ndarray | None, bounds: list[int]) -> list[list[Hit]]:
     topk = RunningTopK(queries)
     edges = [0, *bounds, scores.shape[1]]
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         topk.push(scores[:, a:b], ids[a:b], None if mask is None else mask[:, a:b])
     return topk.results()
 
@@ -150,7 +151,7 @@ def test_filter_mask_agrees_with_matches(seed: int, n: int) -> None:
     filters.append(filters[-1])
     filters.append(SearchFilter(category="a"))
     expected = np.array(
-        [[f is None or f.matches(c, p) for c, p in zip(categories, prices)] for f in filters],
+        [[f is None or f.matches(c, p) for c, p in zip(categories, prices, strict=True)] for f in filters],
         dtype=bool,
     ).reshape(len(filters), n)
 

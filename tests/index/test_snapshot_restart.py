@@ -14,12 +14,12 @@ import numpy as np
 from consumer.app import build_service, readiness
 from consumer.config.settings import Role
 from consumer.index.feature_index import FeatureIndex, ProductMeta
-from consumer.index.snapshot import SnapshotFile
 from consumer.index.ranking import Query
+from consumer.index.snapshot import SnapshotFile
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import feature_records, running
 from tests.kafka_tools import read_topic_records
-from tests.test_end_to_end import TEXT_PRODUCTS
+from tests.system.test_end_to_end import TEXT_PRODUCTS
 
 
 async def features_published(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> None:
@@ -42,7 +42,7 @@ def ranking(index: FeatureIndex) -> list:
 
 async def test_restart_reads_only_features_newer_than_the_snapshot(settings_for, store_settings, broker, topics, tmp_path):
     features_topic = topics["features_topic"]
-    search = dict(role=Role.SEARCH, feature_dtype="int8", index_snapshot_dir=str(tmp_path))
+    search = {"role": Role.SEARCH, "feature_dtype": "int8", "index_snapshot_dir": str(tmp_path)}
     ingest = build_service(settings_for(**store_settings, role=Role.INGEST))
     async with running(ingest):
         await publish(broker.bootstrap, topics["product_updates_topic"], TEXT_PRODUCTS, key_field="product_id")

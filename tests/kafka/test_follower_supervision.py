@@ -24,8 +24,8 @@ from consumer.kafka.feature_follower import FeatureFollower
 from devservices import free_port
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import feature_records, running, wait_for
-from tests.test_end_to_end import TEXT_PRODUCTS
-from tests.tls_services import sasl_broker, sasl_settings  # noqa: F401 - fixture
+from tests.system.test_end_to_end import TEXT_PRODUCTS
+from tests.tls_services import sasl_settings
 
 
 def get_readyz(port: int) -> tuple[int, dict]:
@@ -80,7 +80,7 @@ async def test_a_failed_follower_is_reported_restarted_from_its_offsets_and_reco
         assert feature_records(search) == 2
 
 
-async def test_the_follower_consumer_starts_through_start_kafka_client(sasl_broker, tiny_model):  # noqa: F811
+async def test_the_follower_consumer_starts_through_start_kafka_client(sasl_broker, tiny_model):
     """A refused SASL login is one StartupError naming the settings, as for the service's other clients."""
     settings = sasl_settings(sasl_broker, "SCRAM-SHA-256", "not-the-password", clip_model=tiny_model)
     follower = FeatureFollower(settings, FeatureIndex(dim=8), "model", asyncio.Lock())

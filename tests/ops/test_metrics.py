@@ -6,6 +6,7 @@ import asyncio
 import json
 import platform
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import psutil
@@ -16,8 +17,8 @@ from consumer.ops import memory
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import ServiceMetrics
 from consumer.pipeline.outcomes import BatchReport, Outcome, RecordOutcome
-from schemas import Timings
 from producer_examples.client import publish
+from schemas import Timings
 
 MiB = 1 << 20
 
@@ -147,9 +148,9 @@ def test_proc_readers_handle_a_missing_file(tmp_path):
 
 
 class FakeEncoder:
-    tower_bytes = {"text": 1234, "vision": 0}
-    load_counts = {"text": 1, "vision": 0}
-    load_seconds = {"text": 0.25}
+    tower_bytes: ClassVar[dict[str, int]] = {"text": 1234, "vision": 0}
+    load_counts: ClassVar[dict[str, int]] = {"text": 1, "vision": 0}
+    load_seconds: ClassVar[dict[str, float]] = {"text": 0.25}
 
 
 def test_model_and_index_gauges_read_the_live_objects():

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 from prometheus_client import CollectorRegistry, Counter
 
 from consumer.app import build_service, readiness
 from consumer.config.settings import Settings
-from consumer.ops.health import HealthServer
 from consumer.domain.retry import RetryPolicy
+from consumer.ops.health import HealthServer
 from consumer.ops.supervisor import EXIT_TASK_FAILED, Policy, Supervisor
 from tests.conftest import wait_for
 
@@ -84,7 +85,7 @@ async def test_a_task_that_returns_is_restarted_with_capped_backoff_and_ready_ag
 
     supervisor.start("index-snapshot-writer", flaky, Policy.RESTART)
     await asyncio.wait_for(settled.wait(), 5)
-    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.1, f"backoff not doubled up to the cap: {gaps}"
     assert reasons == [None] * 4, "the reason outlived the restart of a task that does not report recovery"
     assert supervisor.reason is None

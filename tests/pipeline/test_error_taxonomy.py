@@ -121,7 +121,7 @@ async def test_every_bad_input_gets_a_typed_error_reply_and_a_dead_letter(servic
     expected = {rid: code for _, _, code, rid in SEARCH_CASES if rid} | {"e-bad-reply-to": "schema_violation"}
     async with running(service):
         acks = await send_raw(broker.bootstrap, messages)
-        where = {(m[0], a.partition, a.offset): m for m, a in zip(messages, acks)}
+        where = {(m[0], a.partition, a.offset): m for m, a in zip(messages, acks, strict=True)}
         bad = len(SEARCH_CASES) + len(PRODUCT_CASES) + 2
         async with Tap(broker.bootstrap, topics["dead_letter_topic"], topics["reply_topic"], alt_reply_topic) as tap:
             await wait_for(
@@ -142,7 +142,7 @@ async def test_every_bad_input_gets_a_typed_error_reply_and_a_dead_letter(servic
         h = headers(d)
         source = (h["source.topic"].decode(), int(h["source.partition"]), int(h["source.offset"]))
         assert source in where, f"dead letter points at no published record: {source}"
-        topic, value, key = where[source]
+        _topic, value, key = where[source]
         assert d.value == value, "a dead letter must carry the original bytes"
         assert d.key == key
         assert h["error.message"], h

@@ -17,13 +17,14 @@ import time
 
 import pytest
 from aiokafka.structs import ConsumerRecord
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from consumer.app import build_service
 from consumer.config.settings import Settings
-from consumer.pipeline.parsing import reply_address
 from consumer.kafka.service import Service
+from consumer.pipeline.parsing import reply_address
 
 SEARCH_TOPIC = "fuzz-search-requests"
 PRODUCT_TOPIC = "fuzz-product-updated"
@@ -167,6 +168,7 @@ def service(tiny_model, loop) -> Service:
     )
 
 
+@pytest.mark.slow  # 200 generated batches through the tiny model: ~8 s
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(values=batch)
 def test_process_accounts_for_every_record(service: Service, loop: asyncio.AbstractEventLoop, values) -> None:

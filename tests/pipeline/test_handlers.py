@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from consumer.domain.errors import InputError
+from consumer.encoder.images import ImageLimits, pixels_from_base64
 from consumer.index.feature_index import FeatureIndex
 from consumer.pipeline.features import apply_feature_events, feature_event
 from consumer.pipeline.parsing import parse_product, parse_search, reply_address
 from consumer.pipeline.products import product_text
-from consumer.encoder.images import ImageLimits, pixels_from_base64
 from schemas import ProductFeature, ProductUpdated
 
 

@@ -145,7 +145,7 @@ async def test_concurrent_writers_keep_newest(store: ProductStore, mongo: MongoS
         applied = await asyncio.gather(*[(store if i % 2 else other).upsert(meta(pid, v), f, MODEL) for i, (pid, v) in enumerate(writes)])
     finally:
         await other.close()
-    assert await store.get_versions(ids) == {pid: (30, MODEL, False) for pid in ids}
+    assert await store.get_versions(ids) == dict.fromkeys(ids, (30, MODEL, False))
     names = {m.product_id: m.name async for m, _ in store.iter_products(MODEL)}
     assert names == {pid: f"{pid} v30" for pid in ids}
     accepted = {(pid, v) for (pid, v), ok in zip(writes, applied, strict=True) if ok}
@@ -334,6 +334,7 @@ async def test_search_validation(store: ProductStore) -> None:
         await store.search(np.ones((1, DIM + 1), np.float32), [Query(top_k=3)], MODEL)
 
 
+@pytest.mark.integration  # starts (and SIGKILLs) a SecantusDB of its own
 async def test_kill_and_restart_keeps_data(tmp_path) -> None:
     """Acknowledged (journaled) writes survive SIGKILL of the server right after the ack."""
     server = MongoServer(storage_path=tmp_path / "data").start()

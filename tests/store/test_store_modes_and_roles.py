@@ -13,7 +13,7 @@ from consumer.config.settings import Role
 from producer_examples.client import SearchClient, load_catalog, product_text, publish
 from tests.conftest import products_encoded, replies_sent, running, wait_for
 from tests.kafka_tools import read_topic_records
-from tests.test_end_to_end import TEXT_PRODUCTS
+from tests.system.test_end_to_end import TEXT_PRODUCTS
 
 QUERIES = [
     {"query_text": product_text(TEXT_PRODUCTS[0]), "top_k": 5},
@@ -54,17 +54,17 @@ async def test_restart_reuses_stored_features_and_on_demand_equals_cached(settin
         after = await ask_all(broker.bootstrap, topics, QUERIES)
     assert products_encoded(restarted) == 0, "products were re-encoded after a restart"
     assert encoder.load_counts["vision"] == 0
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         assert [p for p, _ in ranked(a)] == [p for p, _ in ranked(b)]
 
     on_demand = build_service(settings_for(**store_settings, cache_products=False, consumer_group_id=topics["consumer_group_id"] + "-od"))
     assert on_demand.index is None
     async with running(on_demand):
         streamed = await ask_all(broker.bootstrap, topics, QUERIES)
-    for cached, od in zip(after, streamed):
+    for cached, od in zip(after, streamed, strict=True):
         assert od["status"] == "ok" and cached["status"] == "ok"
         assert [p for p, _ in ranked(od)] == [p for p, _ in ranked(cached)]
-        for (_, s1), (_, s2) in zip(ranked(od), ranked(cached)):
+        for (_, s1), (_, s2) in zip(ranked(od), ranked(cached), strict=True):
             assert abs(s1 - s2) <= 1e-3, (od, cached)
     assert any(len(r["items"]) > 1 for r in streamed)
 
@@ -93,7 +93,7 @@ async def test_stale_and_duplicate_events_leave_the_newest_version(settings_for,
         await publish(broker.bootstrap, topics["product_updates_topic"], [marker], "product_id")
         await wait_for(lambda: "marker" in service.index, what="marker indexed")
         stored = await service.store.get_versions(ids)
-    assert {pid: stored[pid][0] for pid in ids} == {pid: 5 for pid in ids}
+    assert {pid: stored[pid][0] for pid in ids} == dict.fromkeys(ids, 5)
     assert service.index.get("s-0").name == "s-0 version 5"
     assert service.index.get("s-3").price == 5.0
 

@@ -1,7 +1,7 @@
 """A client's mistakes and the service's own failures never stop a replica.
 
 Two ``python -m consumer`` replicas in one consumer group (separate processes) on the real Tansu
-broker and MongoDB-wire store, as in ``tests/test_faults.py``, whose stream, tally and table this
+broker and MongoDB-wire store, as in ``tests/system/test_faults.py``, whose stream, tally and table this
 module reuses: its rows are "client-error burst (70% invalid)", "poison record" and "reply to a
 forbidden or undeliverable topic". Every request with a readable id gets exactly one reply, every
 unreadable record exactly one dead letter, and both replicas stay up.
@@ -14,14 +14,15 @@ import signal
 import time
 import uuid
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from devservices import create_topics
 from tests.conftest import create_stream_topics, topic_names, wait_for
 from tests.kafka_tools import Tap, as_json, read_topics, send_raw, wait_committed
-from tests.test_faults import TANSU_GROUP, ServiceProcess, fault_table, make_stream, mongo_versions, process_env, record
+from tests.system.test_faults import TANSU_GROUP, ServiceProcess, make_stream, mongo_versions, process_env, record
 
-__all__ = ["fault_table"]  # the module-scoped table fixture of tests/test_faults.py, printed for this module too
+pytestmark = pytest.mark.integration  # service processes on the real broker and store
 
 POISON = "poison pill query"
 
@@ -96,11 +97,11 @@ async def test_client_error_burst_two_replicas(broker, mongo, tiny_model, tmp_pa
 
 def dead_letter_headers(got, names, needle: bytes) -> dict[str, bytes]:
     [dead] = [d for d in got[names["dead_letter_topic"]] if needle in d.value]
-    return {k: v for k, v in dead.headers}
+    return dict(dead.headers)
 
 
 async def test_poison_record_is_isolated_and_dead_lettered(broker, mongo, tiny_model, tmp_path, fault_table):
-    """The encoder raises for one query text (``tests/poison_consumer.py``): after ``POISON_MAX_ATTEMPTS`` that
+    """The encoder raises for one query text (``tests/system/poison_consumer.py``): after ``POISON_MAX_ATTEMPTS`` that
     request is dead-lettered as internal_error and answered with that error; its batch mates are answered."""
     names = topic_names()
     await create_stream_topics(broker.bootstrap, names)
@@ -109,7 +110,7 @@ async def test_poison_record_is_isolated_and_dead_lettered(broker, mongo, tiny_m
     stream.first.insert(len(stream.first) // 2, (names["search_requests_topic"], as_json(poison[1]), poison[0].encode()))
     stream.invalid_ids.add(poison[0])
     env = process_env(broker.bootstrap, names, tiny_model, mongo.uri, TANSU_GROUP, POISON_QUERY_TEXT=POISON, POISON_MAX_ATTEMPTS="3")
-    replicas = await start_replicas(tmp_path, env, module="tests.poison_consumer")
+    replicas = await start_replicas(tmp_path, env, module="tests.system.poison_consumer")
     try:
         async with Tap(broker.bootstrap, names["reply_topic"], names["dead_letter_topic"]) as tap:
             acks = await send_raw(broker.bootstrap, stream.messages)

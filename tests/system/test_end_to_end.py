@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 
 from consumer.app import build_encoder
 from producer_examples.client import SearchClient, load_catalog, product_text, publish
 from tests.conftest import running, wait_for
 from tests.kafka_tools import read_topic_records
+
+pytestmark = pytest.mark.integration  # the whole path through the real broker
 
 TEXT_PRODUCTS = [
     {"product_id": f"t-{i:02d}", "version": 1, "name": name, "description": desc, "category": cat, "price": price}
@@ -203,3 +206,39 @@ async def test_memory_backpressure_pauses_fetching_and_resumes_below_low_water(s
             replies = await asyncio.wait_for(asyncio.gather(*waiters), 60)
     assert sorted(r["request_id"] for r in replies) == sorted(f"bp-{n}" for n in range(10))
     assert service.metrics.registry.get_sample_value("clip_search_pauses_total") == 1
+
+
+async def test_an_image_burst_is_applied_in_slices_while_searches_are_answered(service_factory, topics, broker):
+    """ROLE=all, MAX_IMAGES_PER_BATCH=2: a burst of 9 image updates is encoded at most 2 images per batch
+    (the rest of the partition is deferred to the next batch, not lost, and committed once applied),
+    and a search sent during the burst is answered."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests.kafka_tools import committed_offsets
+
+    def png(n: int) -> str:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (n * 25 % 256, 80, 160)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    service = service_factory(max_images_per_batch=2, max_batch_size=16, max_batch_wait_ms=50)
+    batch_sizes: list[int] = []
+    handle = service.product_handler.handle
+
+    async def recording_handle(updates):
+        batch_sizes.append(sum(1 for u in updates if u.image_b64))
+        return await handle(updates)
+
+    service.product_handler.handle = recording_handle
+    products = [{"product_id": f"img-{n}", "version": 1, "name": f"picture {n}", "image_b64": png(n)} for n in range(9)]
+    async with running(service), SearchClient(broker.bootstrap, topics["search_requests_topic"], topics["reply_topic"]) as client:
+        await publish(broker.bootstrap, topics["product_updates_topic"], products, key_field="product_id")
+        reply = await asyncio.wait_for(await client.send({"request_id": "during-burst", "query_text": "picture"}), 60)
+        await wait_for(lambda: len(service.index) == len(products), what="every image update applied")
+    committed = await committed_offsets(broker.bootstrap, topics["consumer_group_id"], topics["product_updates_topic"])
+    assert reply["status"] == "ok"
+    assert max(batch_sizes) <= 2 and sum(batch_sizes) == len(products), batch_sizes
+    assert sum(committed.values()) == len(products)

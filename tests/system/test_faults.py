@@ -39,6 +39,8 @@ from devservices import MongoServer, NoidaBroker, TansuBroker, free_port
 from tests.conftest import REPO, create_stream_topics, replies_sent, running, topic_names, wait_for
 from tests.kafka_tools import Message, Tap, as_json, committed_offsets, read_topics, send_raw, wait_committed
 
+pytestmark = pytest.mark.integration  # faults around service processes, brokers and the store
+
 QUERIES = ["red cotton t-shirt", "blue denim jeans", "ankle boots", "green ceramic mug", "electric kettle", "desk lamp"]
 NOIDA_GROUP = NoidaBroker.consumer_group_config
 TANSU_GROUP = TansuBroker.consumer_group_config
@@ -187,37 +189,6 @@ def tally(fault: str, stream: Stream, got: dict[str, list[ConsumerRecord]], vers
         lost=lost,
         dead_letters=len(dead),
     )
-
-
-@pytest.fixture(scope="module")
-def fault_table(request):
-    """Rows of the summary table, printed when the module finishes."""
-    rows: list[Tally] = []
-    yield rows
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or not rows:
-        return
-    header = ("fault", "requests sent", "replies", "duplicates", "lost", "dead letters")
-    table = [header] + [
-        (
-            t.fault,
-            str(t.sent),
-            str(t.replies),
-            f"{t.duplicates} ({t.identical} identical, {t.recomputed} recomputed)",
-            str(len(t.lost)),
-            str(t.dead_letters),
-        )
-        for t in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_sep("=", "fault injection summary")
-        for n, row in enumerate(table):
-            reporter.write_line(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-            if n == 0:
-                reporter.write_line("-+-".join("-" * w for w in widths))
 
 
 async def record(
@@ -416,7 +387,7 @@ async def test_rebalance_mid_stream(broker, mongo, tiny_model, fault_table):
         try:
             for n, chunk in enumerate(chunks):
                 if n >= 3:
-                    await wait_for(lambda: stream.answered(tap, chunks[n - 3]), what=f"chunk {n - 3} answered")
+                    await wait_for(lambda done=chunks[n - 3]: stream.answered(tap, done), what=f"chunk {n - 3} answered")
                 if n == len(chunks) // 4:
                     await second.start()
                     second_task = asyncio.create_task(second.run())
@@ -610,7 +581,7 @@ async def test_graceful_sigterm(noida, mongo, tiny_model, tmp_path, fault_table)
             dead = {d.value for d in got[names["dead_letter_topic"]]}
             committed = await committed_offsets(noida.bootstrap, names["consumer_group_id"], req)
             below, above = [], []
-            for (topic, value, key), ack in zip(stream.first, acks):
+            for (topic, value, key), ack in zip(stream.first, acks, strict=True):
                 if topic == req:
                     handled = (key in answered) if key is not None else value in dead
                     (below if ack.offset < committed[ack.partition] else above).append(handled)

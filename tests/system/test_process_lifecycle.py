@@ -11,10 +11,14 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from consumer.app import EXIT_SHUTDOWN_TIMED_OUT
 from devservices import NoidaBroker, free_port
 from tests.conftest import REPO, create_stream_topics, topic_names, wait_for
-from tests.test_faults import ServiceProcess, process_env
+from tests.system.test_faults import ServiceProcess, process_env
+
+pytestmark = pytest.mark.integration  # ``python -m consumer`` as a process
 
 SHUTDOWN_TIMEOUT_S = 5
 EXIT_MARGIN_S = 2.5

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from consumer.app import build_encoder, build_service, readiness
 from tests.conftest import running, wait_for
 from tests.kafka_tools import Tap, as_json, read_topics, send_raw, wait_committed
+
+pytestmark = pytest.mark.integration  # an in-process replica on the real broker
 
 POISON = "poison pill"
 

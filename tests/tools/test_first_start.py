@@ -17,6 +17,7 @@ from consumer.tools.onnx_export import EXPORT_BASE_BYTES, export_memory_need
 from devservices import free_port
 from tests.conftest import REPO
 
+
 def test_export_need_grows_with_the_weights(tiny_model, tmp_path):
     need = export_memory_need(tiny_model)
     assert need is not None and need > EXPORT_BASE_BYTES
