@@ -1,6 +1,10 @@
 """In-memory product feature matrix for the cached search mode.
 
 Pure numpy/stdlib. Not thread-safe: callers serialise upserts, deletes and searches.
+
+Longer than most modules (about 450 lines) on purpose: one data structure whose slot arrays
+(features, scales, versions, tombstones, fields) must change together in every write, and
+whose three storage dtypes share each code path; splitting it would spread that invariant.
 """
 
 from __future__ import annotations

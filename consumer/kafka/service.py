@@ -9,6 +9,9 @@ Contract per batch (at-least-once, nothing lost):
    refuses is dead-lettered instead.
 4. Only then are the batch's offsets committed. A crash anywhere before step 4
    re-delivers the batch to this or another replica.
+The one ``Service`` class (about 430 lines) is the replica's lifecycle: start-up per role, the
+loop, commits, pauses and close share its clients and events; record handling, retries,
+pauses and catalog fills live in ``pipeline/`` and ``kafka/partition_pauses.py``.
 A rebalance waits for the batch in flight to finish (the revoke callback blocks);
 records count as in flight from the moment ``collect_batch`` receives them, and a
 pending rebalance cuts the collection short.

@@ -1,5 +1,8 @@
 """Durable product catalogue on MongoDB, with an exact on-demand search over it.
 
+(About 400 lines: one collection's whole contract, writes, reads and the streamed search share
+its document format and version rule, so they stay together.)
+
 One document per product, keyed by product id::
 
     {_id: product_id, version: int, deleted: False, name, description,

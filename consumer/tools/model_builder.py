@@ -1,5 +1,7 @@
 """Build a random-weights CLIP model directory loadable by ``transformers``.
 
+(One tool, a little over 300 lines, most of it the CLIP tokenizer files it must write.)
+
 Usage::
 
     python -m consumer.tools.model_builder --out DIR --size tiny|vit-b-32 [--seed N] [--force]

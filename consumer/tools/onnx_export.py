@@ -1,5 +1,8 @@
 """Export CLIP's text and vision towers to ONNX, optionally with weight int8 dynamic quantization.
 
+(One tool, about 440 lines: tracing, quantization, the ORT-format copy, the manifest and the
+child-process runner are the steps of one export and share its staging directory.)
+
 Usage::
 
     python -m consumer.tools.onnx_export --model DIR_OR_HUB_ID --out DIR [--towers text,vision] [--quantize int8|none]

@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a whole-tree static scan (about 3 s), not a unit of the code
 def test_bandit_reports_no_medium_or_high_findings():
     if importlib.util.find_spec("bandit") is None:
         pytest.fail("bandit is not installed: pip install -c constraints.txt -e '.[dev]'")

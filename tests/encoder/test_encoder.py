@@ -21,7 +21,7 @@ def make_encoder(model: str, backend: str = "onnx", quantize: str = "int8"):
     return build_encoder(Settings(clip_model=model, encoder_backend=backend, onnx_quantize=quantize, _env_file=None))
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=pytest.mark.slow), "onnx"])  # torch: imports torch (about 6 s)
 def test_towers_load_lazily_and_once_under_concurrent_first_calls(tiny_model, backend):
     encoder = make_encoder(tiny_model, backend)
     assert encoder.load_counts == {"text": 0, "vision": 0}
