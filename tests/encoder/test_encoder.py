@@ -14,7 +14,11 @@ from consumer.encoder.manifest import embedding_dim
 # (backend, quantize, least cosine between a text's embedding encoded in a batch and encoded alone).
 # fp32: float rounding only. int8: dynamic quantization scales activations per batch, and the tiny random
 # model's 32-dim embeddings amplify that (0.988 seen on AMD EPYC; kernels differ by CPU), so 0.95.
-BACKENDS = [("torch", "none", 1 - 1e-6), ("onnx", "none", 1 - 1e-6), ("onnx", "int8", 0.95)]
+BACKENDS = [
+    pytest.param("torch", "none", 1 - 1e-6, marks=pytest.mark.slow),  # imports torch (about 6 s): the export extra's backend
+    ("onnx", "none", 1 - 1e-6),
+    ("onnx", "int8", 0.95),
+]
 
 
 def make_encoder(model: str, backend: str = "onnx", quantize: str = "int8"):

@@ -101,6 +101,12 @@ async def test_sigterm_while_start_waits_for_an_unreachable_broker_exits_at_once
         service.kill()
 
 
+def noida_replica_env(broker: NoidaBroker, names: dict[str, str], model: str, mongo_uri: str) -> dict[str, str]:
+    """A lazily loading replica on ``broker`` with this module's ``SHUTDOWN_TIMEOUT_S``."""
+    group = NoidaBroker.consumer_group_config
+    return process_env(broker.bootstrap, names, model, mongo_uri, group, LAZY_LOAD_MODEL="true", SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
+
+
 async def test_sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout_with_a_readable_log(mongo, tiny_model, tmp_path):
     """The broker dies under a running replica; while aiokafka retries, the log stays short; SIGTERM is bounded."""
     broker = NoidaBroker(data_dir=tmp_path / "noida")
@@ -108,16 +114,7 @@ async def test_sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout_wi
     try:
         await asyncio.to_thread(broker.start)
         await create_stream_topics(broker.bootstrap, names)
-        env = process_env(
-            broker.bootstrap,
-            names,
-            tiny_model,
-            mongo.uri,
-            NoidaBroker.consumer_group_config,
-            LAZY_LOAD_MODEL="true",
-            SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
-        )
-        service = LaunchedProcess(tmp_path, env)
+        service = LaunchedProcess(tmp_path, noida_replica_env(broker, names, tiny_model, mongo.uri))
         try:
             await service.start()
             await asyncio.to_thread(broker.kill)
@@ -151,16 +148,7 @@ async def test_sigterm_with_a_frozen_broker_abandons_what_cannot_finish_and_says
     try:
         await asyncio.to_thread(broker.start)
         await create_stream_topics(broker.bootstrap, names)
-        env = process_env(
-            broker.bootstrap,
-            names,
-            tiny_model,
-            mongo.uri,
-            NoidaBroker.consumer_group_config,
-            LAZY_LOAD_MODEL="true",
-            SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
-        )
-        service = LaunchedProcess(tmp_path, env)
+        service = LaunchedProcess(tmp_path, noida_replica_env(broker, names, tiny_model, mongo.uri))
         try:
             await service.start()
             os.kill(broker.pid, signal.SIGSTOP)
