@@ -6,7 +6,6 @@ nothing re-reads the messages the service built.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import NamedTuple, Protocol
@@ -99,8 +98,7 @@ class BatchReport:
     """Encode and rank time of the batch's searches (from its first result), if it had any."""
 
     def count(self, *kinds: Outcome) -> int:
-        tally = Counter(o.outcome for o in self.outcomes)
-        return sum(tally[k] for k in kinds)
+        return sum(o.outcome in kinds for o in self.outcomes)
 
     @property
     def replies(self) -> int:
@@ -125,10 +123,6 @@ class BatchReport:
     @property
     def products_stale(self) -> int:
         return self.count(Outcome.STALE)
-
-    @property
-    def service_failures(self) -> int:
-        return sum(o.owner == "service" for o in self.outcomes)
 
     def dead_letter_instead(self, record: Record, code: str) -> None:
         """The reply to ``record`` could not be delivered: it was dead-lettered with ``code`` instead."""
