@@ -8,8 +8,10 @@ exception. Nothing here knows about Kafka.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,10 +19,14 @@ import numpy as np
 
 from consumer.domain.errors import InputError
 from consumer.encoder.encoder import Encoder
-from consumer.encoder.images import ImageLimits
+from consumer.encoder.images import ImageLimits, pixels_from_base64
 from consumer.index.feature_index import FeatureIndex, ProductMeta
-from consumer.pipeline.encoding import decode_image, encode_rows
+from consumer.pipeline.encoding import encode_rows
+from consumer.pipeline.image_batches import DEFAULT_CHUNK, DEFAULT_DECODE_THREADS, decode_pool, encode_images
 from schemas import ProductUpdated
+
+APPLY_CONCURRENCY = 8
+"""Store writes in flight at once while a batch is applied (each a round trip carrying the image bytes)."""
 
 
 def product_text(update: ProductUpdated) -> str:
@@ -75,6 +81,8 @@ class ProductHandler:
         store: ProductStoreLike | None = None,
         before_apply: Callable[[list[ProductOutcome]], Awaitable[None]] | None = None,
         on_encoded: Callable[[str, int], None] | None = None,
+        decode_threads: int = DEFAULT_DECODE_THREADS,
+        image_chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self.encoder = encoder
         self.index = index
@@ -82,6 +90,9 @@ class ProductHandler:
         self.image_limits = image_limits
         self.before_apply = before_apply
         self.on_encoded = on_encoded
+        self.decode_threads = decode_threads
+        self.image_chunk = image_chunk
+        self._decoder: ThreadPoolExecutor | None = None
         self.encoded_images = 0
         """Images encoded so far: the service returns freed heap to the OS after a batch that had any."""
 
@@ -95,28 +106,47 @@ class ProductHandler:
         return {pid: v for pid in ids if (v := self.index.version_of(pid)) is not None}
 
     async def encode(self, updates: Sequence[ProductUpdated]) -> list[np.ndarray | InputError | None]:
-        """Feature per update (None for deletes); image decode errors are returned, not raised."""
+        """Feature per update (None for deletes); image decode errors are returned, not raised.
+
+        Texts are encoded in one batched call; images go through ``image_batches.encode_images``
+        (decoded in parallel on this handler's decode threads, overlapped with encoding, in chunks).
+        """
         out: list[np.ndarray | InputError | None] = [None] * len(updates)
-        texts, images = [], []
+        texts: list[tuple[int, str]] = []
+        images: list[tuple[int, str]] = []
         for i, u in enumerate(updates):
             if u.deleted:
                 continue
             if u.image_b64:
-                pixels = await decode_image(u.image_b64, self.image_limits)
-                if isinstance(pixels, InputError):
-                    out[i] = pixels
-                else:
-                    images.append((i, pixels))
+                images.append((i, u.image_b64))
             else:
                 texts.append((i, product_text(u)))
-        for i, vec in await encode_rows(self.encoder, texts, images):
+        for i, vec in await encode_rows(self.encoder, texts, []):
             out[i] = vec
-        self.encoded_images += len(images)
+        encoded_images = 0
+        if images:
+            limits = self.image_limits
+            decoded = await encode_images(
+                self.encoder,
+                images,
+                lambda data: pixels_from_base64(data, limits),
+                self._decode_executor(),
+                self.image_chunk,
+            )
+            for i, result in decoded:
+                out[i] = result
+                encoded_images += not isinstance(result, InputError)
+        self.encoded_images += encoded_images
         if self.on_encoded is not None:
-            for kind, n in (("text", len(texts)), ("image", len(images))):
+            for kind, n in (("text", len(texts)), ("image", encoded_images)):
                 if n:
                     self.on_encoded(kind, n)
         return out
+
+    def _decode_executor(self) -> Executor:
+        if self._decoder is None:
+            self._decoder = decode_pool(self.decode_threads)
+        return self._decoder
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
         """One outcome per update, in order; stale updates are skipped before any encoding."""
@@ -133,12 +163,36 @@ class ProductHandler:
                 outcomes.append(ProductOutcome(u, "encoded", feature=feature))
         if self.before_apply is not None:
             await self.before_apply([o for o in outcomes if o.status == "encoded"])
+        encoded = [o for o in outcomes if o.status == "encoded"]
+        applied = iter(await self.apply_all([(o.update, o.feature) for o in encoded]))
         return [
-            ProductOutcome(o.update, "applied" if await self.apply(o.update, o.feature) else "stale", feature=o.feature)
-            if o.status == "encoded"
-            else o
+            ProductOutcome(o.update, "applied" if next(applied) else "stale", feature=o.feature) if o.status == "encoded" else o
             for o in outcomes
         ]
+
+    async def apply_all(self, items: Sequence[tuple[ProductUpdated, np.ndarray | None]]) -> list[bool]:
+        """``apply`` each item; items of different products run concurrently (at most ``APPLY_CONCURRENCY``
+        at once), those of one product in their order. The first failure cancels the rest and is raised."""
+        results = [False] * len(items)
+        chains: dict[str, list[int]] = {}
+        for i, (update, _) in enumerate(items):
+            chains.setdefault(update.product_id, []).append(i)
+        slots = asyncio.Semaphore(APPLY_CONCURRENCY)
+
+        async def run(chain: list[int]) -> None:
+            async with slots:
+                for i in chain:
+                    results[i] = await self.apply(*items[i])
+
+        tasks = [asyncio.ensure_future(run(chain)) for chain in chains.values()]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return results
 
     async def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
         """Store first (the durable copy), then index; False when a same-or-newer version is held."""

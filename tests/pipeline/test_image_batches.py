@@ -1,0 +1,193 @@
+"""Image ingest: parallel decode overlapped with chunked encode, order and per-item errors kept, memory bounded;
+store writes of a batch concurrent across products, ordered within one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from consumer.domain.errors import InvalidImage
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.images import ImageLimits
+from consumer.index.feature_index import ProductMeta
+from consumer.pipeline.image_batches import encode_images
+from consumer.pipeline.products import APPLY_CONCURRENCY, ProductHandler
+from schemas import ProductUpdated
+
+DIM = 4
+
+
+class VisionTower:
+    """Embeds pixel tensors [n, 3, 2, 2] as their first four values; records every call's batch."""
+
+    nbytes = 0
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.before_encode = lambda batch: None
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        self.before_encode(pixels)
+        self.batches.append([float(p[0, 0, 0]) for p in pixels])
+        return np.asarray(pixels, dtype=np.float32).reshape(len(pixels), -1)[:, :DIM] + 1.0
+
+
+class Backend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.vision = VisionTower()
+
+    def load_text(self) -> VisionTower:
+        raise AssertionError("no text in these tests")
+
+    def load_vision(self) -> VisionTower:
+        return self.vision
+
+
+def pixels_of(data: str) -> np.ndarray:
+    """``"img-7"`` -> a [3, 2, 2] tensor filled with 7.0; ``"bad..."`` raises ``InvalidImage``."""
+    if data.startswith("bad"):
+        raise InvalidImage(f"{data} is not an image")
+    return np.full((3, 2, 2), float(data.split("-")[1]), dtype=np.float32)
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+async def test_keeps_order_and_returns_each_bad_image_as_its_error(pool):
+    backend = Backend()
+    encoder = Encoder(backend, "fake")
+    images = [(i, "bad-x" if i in (2, 5, 6) else f"img-{i}") for i in range(9)]
+    out = await encode_images(encoder, images, pixels_of, pool, chunk=3)
+    assert [row for row, _ in out] == list(range(9))
+    for row, result in out:
+        if row in (2, 5, 6):
+            assert isinstance(result, InvalidImage) and "bad-x" in result.message
+        else:
+            assert isinstance(result, np.ndarray)
+            expected = np.full(DIM, row + 1.0) / np.linalg.norm(np.full(DIM, row + 1.0))
+            np.testing.assert_allclose(result, expected, rtol=1e-6)
+    assert backend.vision.batches == [[0.0, 1.0], [3.0, 4.0], [7.0, 8.0]]
+
+
+async def test_a_chunk_of_only_bad_images_encodes_nothing(pool):
+    backend = Backend()
+    out = await encode_images(Encoder(backend, "fake"), [(0, "bad-a"), (1, "bad-b")], pixels_of, pool, chunk=2)
+    assert [type(r) for _, r in out] == [InvalidImage, InvalidImage]
+    assert backend.vision.batches == []
+    assert await encode_images(Encoder(backend, "fake"), [], pixels_of, pool) == []
+
+
+async def test_decoded_pixels_alive_at_once_are_bounded_by_two_chunks(pool):
+    """A burst of 40 images in chunks of 4 never holds more than 8 decoded tensors (all 40 if decoded up front)."""
+    alive = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def gone() -> None:
+        nonlocal alive
+        with lock:
+            alive -= 1
+
+    def tracked(data: str) -> np.ndarray:
+        nonlocal alive, peak
+        pixels = pixels_of(data)
+        with lock:
+            alive += 1
+            peak = max(peak, alive)
+        weakref.finalize(pixels, gone)
+        return pixels
+
+    backend = Backend()
+    out = await encode_images(Encoder(backend, "fake"), [(i, f"img-{i}") for i in range(40)], tracked, pool, chunk=4)
+    assert len(out) == 40 and len(backend.vision.batches) == 10
+    assert 4 <= peak <= 8
+
+
+async def test_next_chunk_is_decoded_while_the_current_one_is_encoded(pool):
+    """The encode of chunk 0 waits until a decode of chunk 1 has begun: serial decode-then-encode would never get there."""
+    chunk_one_decoding = threading.Event()
+
+    def decode(data: str) -> np.ndarray:
+        if int(data.split("-")[1]) >= 2:
+            chunk_one_decoding.set()
+        return pixels_of(data)
+
+    backend = Backend()
+    seen: list[bool] = []
+    backend.vision.before_encode = lambda batch: seen.append(chunk_one_decoding.wait(30))
+    out = await encode_images(Encoder(backend, "fake"), [(i, f"img-{i}") for i in range(4)], decode, pool, chunk=2)
+    assert len(out) == 4
+    assert seen == [True, True]
+
+
+def update(pid: str, version: int) -> ProductUpdated:
+    return ProductUpdated(product_id=pid, version=version, name=pid)
+
+
+class SlowStore:
+    """Upserts that wait until released; records order, concurrency, and can fail one product."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.order: list[tuple[str, int]] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.fail = fail
+        self.cancelled = 0
+        self.release = asyncio.Event()
+        self.full = asyncio.Event()
+
+    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight == APPLY_CONCURRENCY:
+            self.full.set()
+        try:
+            if meta.product_id == self.fail:
+                raise ConnectionError("store went away")
+            await self.release.wait()
+            self.order.append((meta.product_id, meta.version))
+            return True
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def delete(self, product_id: str, version: int) -> bool:
+        raise AssertionError
+
+    async def get_versions(self, ids):
+        return {}
+
+
+async def test_store_writes_run_concurrently_across_products_and_in_order_within_one():
+    store = SlowStore()
+    handler = ProductHandler(Encoder(Backend(), "fake"), None, ImageLimits(), store=store)
+    items = [(update(f"p{i % 12}", i), np.ones(DIM, dtype=np.float32)) for i in range(24)]
+    applying = asyncio.ensure_future(handler.apply_all(items))
+    await asyncio.wait_for(store.full.wait(), 30)
+    store.release.set()
+    assert await applying == [True] * 24
+    assert store.peak == APPLY_CONCURRENCY
+    for pid in {p for p, _ in store.order}:
+        versions = [v for p, v in store.order if p == pid]
+        assert versions == sorted(versions) and len(versions) == 2
+
+
+async def test_a_failing_store_write_raises_itself_and_cancels_the_rest():
+    store = SlowStore(fail="p3")
+    handler = ProductHandler(Encoder(Backend(), "fake"), None, ImageLimits(), store=store)
+    items = [(update(f"p{i}", 1), np.ones(DIM, dtype=np.float32)) for i in range(6)]
+    with pytest.raises(ConnectionError, match="store went away"):
+        await handler.apply_all(items)
+    assert store.order == [] and store.in_flight == 0 and store.cancelled == 5
