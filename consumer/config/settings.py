@@ -51,6 +51,11 @@ class Settings(SecuritySettings, BaseSettings):
 
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     max_batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 10
+    batch_wait_min_records: Annotated[int, Field(ge=1, le=1024)] = Field(
+        2,
+        description="a batch waits up to MAX_BATCH_WAIT_MS for more records only when its first fetch brought at least "
+        "this many (busy); fewer (light load): it takes what is already fetched and closes at once. 1: always wait",
+    )
     max_images_per_batch: Annotated[int, Field(ge=1)] = Field(
         4,
         description="ROLE=all: image updates encoded per batch at most; the rest of their partition waits for the next batch",

@@ -2,7 +2,7 @@
 
 Contract per batch (at-least-once, nothing lost):
 1. ``collect_batch`` gathers up to ``MAX_BATCH_SIZE`` records or waits at most
-   ``MAX_BATCH_WAIT_MS`` after the first one.
+   ``MAX_BATCH_WAIT_MS`` after the first one (no wait at light load: ``BATCH_WAIT_MIN_RECORDS``).
 2. ``BatchProcessor`` turns them into replies, dead letters and one outcome per record
    (product updates first, then searches in one batched encode and ranking pass).
 3. All outbound messages are published and acknowledged by the broker; a reply the broker
@@ -289,6 +289,7 @@ class Service:
                 self.settings.max_batch_wait_s,
                 idle_timeout_s=0.5,
                 stop=lambda: self._stopping.is_set() or self._revoking.is_set(),
+                busy_threshold=self.settings.batch_wait_min_records,
             )
             self.metrics.fetches.inc()
             if time.monotonic() - self._lag_updated >= 1.0:

@@ -1,4 +1,4 @@
-"""Size- and time-bounded micro-batching over a pull-style fetch function."""
+"""Size- and time-bounded micro-batching over a pull-style fetch function, with a wait that adapts to load."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ async def collect_batch(
     idle_timeout_s: float,
     clock: Callable[[], float] = time.monotonic,
     stop: Callable[[], bool] = lambda: False,
+    busy_threshold: int = 1,
 ) -> list[T]:
     """Collect one batch of at most max_size items.
 
@@ -32,6 +33,11 @@ async def collect_batch(
     max_wait_s has elapsed since then. With max_wait_s <= 0 the result is exactly
     what that first non-empty fetch returned. Items keep their fetch order.
 
+    The wait adapts to load: when that first non-empty fetch yields fewer than
+    busy_threshold items (light load), the batch takes only what is available at
+    once (fetches with timeout 0 until one yields nothing or max_size is reached)
+    and closes without waiting. busy_threshold <= 1 always waits as above.
+
     stop() is checked after every fetch: once true, what was collected so far is
     returned at once (possibly []), without waiting out the remaining time.
     """
@@ -45,6 +51,15 @@ async def collect_batch(
             break
         if clock() >= idle_deadline or stop():
             return []
+    if len(batch) < busy_threshold:
+        while len(batch) < max_size and not stop():
+            wanted = max_size - len(batch)
+            items = await fetch(0.0, wanted)
+            _check_size(items, wanted)
+            if not items:
+                break
+            batch.extend(items)
+        return batch
     deadline = clock() + max_wait_s
     while len(batch) < max_size and not stop():
         remaining = deadline - clock()

@@ -112,3 +112,43 @@ async def test_stop_returns_the_batch_in_hand_without_waiting():
     calls = len(broker.calls)
     assert await collect_batch(broker.fetch, 10, max_wait_s=10.0, idle_timeout_s=3.0, clock=broker.clock, stop=lambda: True) == []
     assert len(broker.calls) == calls + 1, "the idle wait went on after stop()"
+
+
+async def test_light_load_closes_the_batch_without_waiting() -> None:
+    broker = FakeBroker([(1.0, 1), (1.05, 2)])
+    batch = await collect_batch(broker.fetch, 10, 0.1, 2.0, clock=broker.clock, busy_threshold=2)
+    assert batch == [1]
+    assert broker.now == pytest.approx(1.0), "waited for more items at light load"
+    assert broker.calls == [(2.0, 10), (0.0, 9)]
+    assert broker.pending == [(1.05, 2)]
+
+
+async def test_light_load_still_takes_what_is_available_at_once() -> None:
+    responses: list[list[int]] = [[1], [2, 3], [4], [], [9]]
+    calls: list[tuple[float, int]] = []
+
+    async def fetch(timeout_s: float, max_items: int) -> list[int]:
+        calls.append((timeout_s, max_items))
+        return responses.pop(0)
+
+    assert await collect_batch(fetch, 10, 5.0, 1.0, clock=lambda: 0.0, busy_threshold=2) == [1, 2, 3, 4]
+    assert calls == [(1.0, 10), (0.0, 9), (0.0, 7), (0.0, 6)]
+
+
+async def test_light_load_drain_respects_max_size_and_stop() -> None:
+    broker = FakeBroker([(0.0, i) for i in range(1, 4)])
+    taken: list[list[int]] = []
+
+    async def one_at_a_time(timeout_s: float, max_items: int) -> list[int]:
+        taken.append(await broker.fetch(timeout_s, min(max_items, 1)))
+        return taken[-1]
+
+    assert await collect_batch(one_at_a_time, 2, 5.0, 1.0, clock=broker.clock, busy_threshold=2) == [1, 2]
+    assert await collect_batch(one_at_a_time, 5, 5.0, 1.0, clock=broker.clock, busy_threshold=2, stop=lambda: True) == [3]
+
+
+async def test_busy_load_waits_up_to_max_wait() -> None:
+    broker = FakeBroker([(1.0, 1), (1.0, 2), (1.05, 3), (1.2, 4)])
+    batch = await collect_batch(broker.fetch, 10, 0.1, 2.0, clock=broker.clock, busy_threshold=2)
+    assert batch == [1, 2, 3]
+    assert broker.now == pytest.approx(1.1)
