@@ -16,6 +16,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from consumer.encoder.images import OPENAI_CLIP, ImagePreprocess
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +33,10 @@ class Tower(Protocol[Inputs]):
 
 
 class Backend(Protocol):
-    """Builds towers for one model; ``load_text`` / ``load_vision`` may be slow and run in threads."""
+    """Builds towers for one model; ``load_text`` / ``load_vision`` may be slow and run in threads.
+
+    A backend may also expose ``preprocess`` (an ``ImagePreprocess``), the image recipe its vision tower expects.
+    """
 
     name: str
 
@@ -71,6 +76,12 @@ class Encoder:
         if random_weights:
             log.warning("MODEL %s HAS RANDOM WEIGHTS: rankings are meaningless except for exact matches", model_id)
 
+    @property
+    def preprocess(self) -> ImagePreprocess:
+        """The image recipe the vision tower expects (the backend's; ``OPENAI_CLIP`` if it names none)."""
+        recipe = getattr(self.backend, "preprocess", OPENAI_CLIP)
+        return recipe if isinstance(recipe, ImagePreprocess) else OPENAI_CLIP
+
     def _tower(self, name: str) -> Tower[Any]:
         slot = self._slots[name]
         tower = slot.tower
@@ -97,7 +108,7 @@ class Encoder:
         return l2_normalise(self._tower("text").encode(texts))
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """``pixels``: float32 [n, 3, H, W] from ``consumer.encoder.images.clip_pixels``."""
+        """``pixels``: float32 [n, 3, S, S] from ``consumer.encoder.images.clip_pixels`` with ``self.preprocess``."""
         if len(pixels) == 0:
             return np.zeros((0, 0), dtype=np.float32)
         return l2_normalise(self._tower("vision").encode(pixels))

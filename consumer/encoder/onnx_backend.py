@@ -16,7 +16,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from consumer.encoder.manifest import TOKENIZER_FILE, read_manifest
+from consumer.encoder.images import ImagePreprocess
+from consumer.encoder.manifest import TOKENIZER_FILE, manifest_preprocess, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class OnnxVisionTower(_OrtTower):
 
     def __init__(self, onnx_dir: Path, manifest: dict[str, Any], threads: int | None, **kw: Any) -> None:
         super().__init__(onnx_dir, manifest, "vision", threads, **kw)
-        self.image_size = int(manifest.get("image_size", 224))
+        self.image_size = manifest_preprocess(manifest).image_size
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
@@ -181,6 +182,7 @@ class OnnxBackend:
         self.threads = threads
         self.manifest = read_manifest(self.onnx_dir)
         self._tower_kw = {"max_batch": max_batch, "arena": arena, "arena_shrink": arena_shrink, "mmap": mmap}
+        self.preprocess: ImagePreprocess = manifest_preprocess(self.manifest)
 
     @property
     def random_weights(self) -> bool:

@@ -7,6 +7,8 @@ from types import ModuleType
 import numpy as np
 
 from consumer.encoder.encoder import Tower
+from consumer.encoder.images import ImagePreprocess
+from consumer.encoder.manifest import source_preprocess
 
 
 def _import_torch(threads: int | None) -> ModuleType:
@@ -60,6 +62,14 @@ class TorchBackend:
     def __init__(self, model: str, threads: int | None = None) -> None:
         self.model = model
         self.threads = threads
+        self._preprocess: ImagePreprocess | None = None
+
+    @property
+    def preprocess(self) -> ImagePreprocess:
+        """The source's ``preprocessor_config.json`` recipe (read once, on first use)."""
+        if self._preprocess is None:
+            self._preprocess = source_preprocess(self.model)
+        return self._preprocess
 
     def load_text(self) -> Tower[list[str]]:
         return _TorchText(self.model, self.threads)

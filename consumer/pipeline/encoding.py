@@ -13,13 +13,13 @@ import numpy as np
 
 from consumer.domain.errors import InputError
 from consumer.encoder.encoder import Encoder
-from consumer.encoder.images import ImageLimits, pixels_from_base64
+from consumer.encoder.images import OPENAI_CLIP, ImageLimits, ImagePreprocess, pixels_from_base64
 
 
-async def decode_image(image_b64: str, limits: ImageLimits) -> np.ndarray | InputError:
-    """CLIP pixels of an inline image, or the client error that makes it unusable."""
+async def decode_image(image_b64: str, limits: ImageLimits, preprocess: ImagePreprocess = OPENAI_CLIP) -> np.ndarray | InputError:
+    """The vision tower's pixels (per ``preprocess``) of an inline image, or the client error that makes it unusable."""
     try:
-        return await asyncio.to_thread(pixels_from_base64, image_b64, limits)
+        return await asyncio.to_thread(pixels_from_base64, image_b64, limits, preprocess)
     except InputError as err:
         return err
 

@@ -156,7 +156,7 @@ class SearchHandler:
                 )
                 continue
             if req.query_image_b64:
-                pixels = await decode_image(req.query_image_b64, self.image_limits)
+                pixels = await decode_image(req.query_image_b64, self.image_limits, self.encoder.preprocess)
                 if isinstance(pixels, InputError):
                     inputs.outcomes[i] = error_reply(req.request_id, pixels)
                     continue

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from consumer.encoder.extras import EXPORT_MODULES, missing_extra
-from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest
+from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest, source_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ def export_onnx(
             "projection_dim": info["projection_dim"],
             "max_length": info.get("max_length", 77),
             "image_size": info.get("image_size", 224),
+            "preprocess": source_preprocess(model_dir).to_dict(),
             "tokenizer": tokenizer,
             "random_weights": random_weights,
             "versions": _versions(),
