@@ -24,6 +24,13 @@ def quantiles(metric: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[tu
     return [(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{SEL}}}[{RATE}])))", f"p{round(q * 100)}") for q in qs]
 
 
+def stage_quantiles(metric: str, qs: tuple[float, ...] = (0.5, 0.99)) -> list[tuple[str, str]]:
+    return [
+        (f"histogram_quantile({q}, sum by (le, stage) (rate({metric}_bucket{{{SEL}}}[{RATE}])))", f"p{round(q * 100)} {{{{stage}}}}")
+        for q in qs
+    ]
+
+
 def by_rate(metric: str, label: str) -> list[tuple[str, str]]:
     return [(f"sum by ({label}) (rate({metric}{{{SEL}}}[{RATE}]))", f"{{{{{label}}}}}")]
 
@@ -139,6 +146,15 @@ ROWS: list[tuple[str, list[tuple[str, str, str, int, list[tuple[str, str]], str]
                 8,
                 quantiles("clip_search_request_duration_seconds"),
                 "Request record timestamp to its reply acknowledged by the broker.",
+            ),
+            (
+                "Search latency by stage",
+                "timeseries",
+                "s",
+                24,
+                stage_quantiles("clip_search_stage_seconds"),
+                "Where a search's time goes, p50 and p99 per stage: queue (request timestamp to fetched), batch_wait "
+                "(fetched to batch closed), encode, rank, publish (replies acknowledged), commit.",
             ),
         ],
     ),

@@ -12,9 +12,17 @@ Contract per batch (at-least-once, nothing lost):
 The one ``Service`` class (about 430 lines) is the replica's lifecycle: start-up per role, the
 loop, commits, pauses and close share its clients and events; record handling, retries,
 pauses and catalog fills live in ``pipeline/`` and ``kafka/partition_pauses.py``.
-A rebalance waits for the batch in flight to finish (the revoke callback blocks);
+A rebalance waits for the batches in flight to finish (the revoke callback blocks);
 records count as in flight from the moment ``collect_batch`` receives them, and a
 pending rebalance cuts the collection short.
+
+Lanes: ROLE=all runs two such loops on the one consumer, a search lane over the
+search-request partitions and a product lane over the product-update partitions
+(``getmany(*partitions)``), so a search batch never waits for an image encode (it runs
+in a worker thread). While the product lane handles a batch its partitions are paused
+and their prefetched records dropped, so the fetcher keeps fetching search records
+(aiokafka holds back a broker's next fetch while records of it are left unconsumed).
+The other roles run one lane over every assigned partition.
 """
 
 from __future__ import annotations
@@ -62,6 +70,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _Lane:
+    """One collect/handle/publish/commit loop over the assigned partitions of ``topics`` (None: all of them)."""
+
+    def __init__(self, name: str, topics: frozenset[str] | None, hold: bool = False) -> None:
+        self.name = name
+        self.topics = topics
+        self.hold = hold
+        """Pause the lane's partitions while it handles a batch (dropping what was prefetched for them)."""
+        self.held: set[TopicPartition] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        """Clear from the moment records are fetched until their batch is committed (or given up)."""
+        self.fetched_at = 0.0
+        """Epoch time of the current batch's first non-empty fetch."""
+
+    def partitions(self, assigned: set[TopicPartition]) -> list[TopicPartition]:
+        return [tp for tp in assigned if self.topics is None or tp.topic in self.topics]
+
+
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information, so its base class is Any
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -69,13 +96,16 @@ class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.service._revoking.set()
         try:
-            await self.service._idle.wait()
+            for lane in self.service.lanes:
+                await lane.idle.wait()
         finally:
             self.service._revoking.clear()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.service.assignment = set(assigned)
         self.service.assigned.set()
+        self.service._assignment_changed.set()
+        self.service._assignment_changed.clear()
         log.info("assigned partitions: %s", sorted((tp.topic, tp.partition) for tp in assigned))
 
 
@@ -104,8 +134,16 @@ class Service:
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
         self.assignment: set[TopicPartition] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._assignment_changed = asyncio.Event()
+        self.lanes = (
+            [
+                _Lane("search", frozenset({settings.search_requests_topic})),
+                _Lane("products", frozenset({settings.product_updates_topic}), True),
+            ]
+            if settings.role is Role.ALL
+            else [_Lane(settings.role.value, None)]
+        )
+        self._held: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._revoking = asyncio.Event()
         self.batches = 0
@@ -264,27 +302,65 @@ class Service:
         committed); a failing dependency pauses the affected partitions and retries them.
         """
         assert self.consumer is not None
-        while not self._stopping.is_set():
-            records = await self._next_batch()
-            if not records:
-                self._unload_idle_vision()
-                continue
-            images_before = self.product_handler.encoded_images
-            try:
-                await self._handle_batch(records)
-            finally:
-                self._idle.set()
-            if self.product_handler.encoded_images != images_before:
-                release_memory()
+        tasks = [asyncio.ensure_future(self._run_lane(lane)) for lane in self.lanes]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _next_batch(self) -> list[ConsumerRecord]:
+    async def _run_lane(self, lane: _Lane) -> None:
+        try:
+            while not self._stopping.is_set():
+                records = await self._next_batch(lane)
+                if not records:
+                    self._unload_idle_vision()
+                    continue
+                images_before = self.product_handler.encoded_images
+                try:
+                    await self._handle_batch(lane, records)
+                finally:
+                    self._release(lane)
+                    lane.idle.set()
+                if self.product_handler.encoded_images != images_before:
+                    await asyncio.to_thread(release_memory)
+        finally:
+            lane.idle.set()
+
+    def _hold(self, lane: _Lane, records: list[ConsumerRecord]) -> None:
+        """Pause the lane's partitions and drop their prefetched records (read on from after ``records``)."""
+        consumer = self._group_consumer
+        lane.held = set(lane.partitions(consumer.assignment()))
+        self._held |= lane.held
+        consumer.pause(*lane.held)
+        after: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            after[tp] = max(after.get(tp, 0), r.offset + 1)
+        for tp, offset in after.items():
+            if tp in lane.held:
+                consumer.seek(tp, offset)
+
+    def _release(self, lane: _Lane) -> None:
+        """Resume what ``_hold`` paused, except partitions waiting for a retry or under memory backpressure."""
+        held, lane.held = lane.held, set()
+        self._held -= held
+        if not held or self.memory_guard.paused or self.consumer is None:
+            return
+        waiting, assigned = self.pauses.waiting(), self.consumer.assignment()
+        self.consumer.resume(*(tp for tp in held if tp in assigned and tp not in waiting))
+
+    async def _next_batch(self, lane: _Lane) -> list[ConsumerRecord]:
         """Apply backpressure and due resumptions, then collect a batch (empty when idle, stopping or revoking)."""
         self._apply_backpressure()
         if not self.memory_guard.paused:
             self.pauses.resume_due(self.consumer)
         try:
             records = await collect_batch(
-                self._fetch,
+                lambda timeout_s, max_items: self._fetch(lane, timeout_s, max_items),
                 self.settings.max_batch_size,
                 self.settings.max_batch_wait_s,
                 idle_timeout_s=0.5,
@@ -296,19 +372,24 @@ class Service:
                 self._lag_updated = time.monotonic()
                 await self.metrics.update_lag(self.consumer)
         except BaseException:
-            self._idle.set()
+            lane.idle.set()
             raise
         return records
 
-    async def _handle_batch(self, records: list[ConsumerRecord]) -> None:
+    async def _handle_batch(self, lane: _Lane, records: list[ConsumerRecord]) -> None:
         """Process, publish (retried until acknowledged), commit what was not left for a retry, account."""
-        self._idle.clear()
+        lane.idle.clear()
+        closed_at = time.time()
         started = time.monotonic()
+        if lane.hold:
+            self._hold(lane, records)
         report, outbound = await self.process(records)
+        processed_at = time.time()
         await self._with_backoff("publish replies", lambda: self._publish_batch(report, outbound))
         acknowledged_at = time.time()
         offsets = {TopicPartition(*tp): report.defer.get(tp, o) for tp, o in report.offsets.items() if tp not in report.rewind}
         await self._commit(offsets)
+        committed_at = time.time()
         consumer = self._group_consumer
         for tp, offset in report.defer.items():
             if tp not in report.rewind and TopicPartition(*tp) in consumer.assignment():
@@ -322,6 +403,14 @@ class Service:
         self.metrics.partitions_retrying.set(self.pauses.retrying(self._group_consumer.assignment()))
         self.batches += 1
         self.metrics.observe_batch(report, started=started, acknowledged_at=acknowledged_at)
+        self.metrics.observe_stages(
+            report,
+            fetched_at=lane.fetched_at,
+            closed_at=closed_at,
+            processed_at=processed_at,
+            acknowledged_at=acknowledged_at,
+            committed_at=committed_at,
+        )
 
     async def process(self, records: list[ConsumerRecord]) -> tuple[BatchReport, list[Outbound]]:
         """``BatchProcessor.process``: outbound messages and one outcome per record; never raises for bad input."""
@@ -386,12 +475,13 @@ class Service:
         elif action == "resume":
             waiting = self.pauses.waiting()
             consumer = self._group_consumer
-            consumer.resume(*(tp for tp in consumer.assignment() if tp not in waiting))
+            consumer.resume(*(tp for tp in consumer.assignment() if tp not in waiting and tp not in self._held))
             log.info("memory back under the low-water mark: fetching resumed")
 
-    async def _fetch(self, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
-        """Records for the batch being collected. Handing any out marks the service busy, so a rebalance
-        waits until they are answered and committed rather than re-delivering them to another owner.
+    async def _fetch(self, lane: _Lane, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
+        """Records of the lane's partitions for the batch being collected. Handing any out marks the lane busy,
+        so a rebalance waits until they are answered and committed rather than re-delivering them to another owner.
+        A lane none of whose partitions is assigned waits for an assignment (at most ``timeout_s``).
 
         While a rebalance waits or a stop is requested, nothing more is fetched (aiokafka's getmany would
         block until the new assignment, or hang while the broker is gone): the fetch in progress is
@@ -399,7 +489,13 @@ class Service:
         """
         if self._stopping.is_set() or self._revoking.is_set():
             return []
-        fetch = asyncio.ensure_future(self._group_consumer.getmany(timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
+        consumer = self._group_consumer
+        partitions = lane.partitions(consumer.assignment())
+        fetch: asyncio.Future[Any]
+        if lane.topics is not None and not partitions:
+            fetch = asyncio.ensure_future(asyncio.wait_for(self._assignment_changed.wait(), timeout_s))
+        else:
+            fetch = asyncio.ensure_future(consumer.getmany(*partitions, timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_items))
         revoking = asyncio.ensure_future(self._revoking.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -409,11 +505,14 @@ class Service:
             stopping.cancel()
             if not fetch.done():
                 fetch.cancel()
-        if fetch not in done:
+        if fetch not in done or isinstance(fetch.exception(), TimeoutError):
             return []
-        records = [r for batch in fetch.result().values() for r in batch]
+        result = fetch.result()
+        records = [r for batch in result.values() for r in batch] if isinstance(result, dict) else []
         if records:
-            self._idle.clear()
+            if lane.idle.is_set():
+                lane.fetched_at = time.time()
+            lane.idle.clear()
         return records
 
     async def close(self, timeout_s: float | None = None) -> list[str]:

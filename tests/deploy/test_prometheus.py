@@ -189,6 +189,14 @@ async def test_every_dashboard_query_returns_series_from_a_real_prometheus(servi
             assert value("max(clip_search_consumer_lag_records)") == 0
             assert value("clip_search_memory_limit_bytes") == LIMIT_MB * 2**20
             assert value("clip_search_paused") == 0 and value("clip_search_pauses_total") == 0
+            stages = {
+                r["metric"]["stage"]: r["value"][1]
+                for r in prom.query('sum by (stage) (clip_search_stage_seconds_count{job="clip-search"})')
+            }
+            searches = len(PRODUCTS) + 1
+            assert float(stages.pop("queue")) == searches, "queue is observed once per search request"
+            assert set(stages) == {"batch_wait", "encode", "rank", "publish", "commit"}
+            assert all(1 <= float(n) <= searches for n in stages.values()), stages
             rss_now = memory.rss_bytes()
             assert 0.5 * rss_now < value("clip_search_memory_rss_bytes") < 1.5 * rss_now
 
