@@ -4,7 +4,11 @@
 
 Usage::
 
-    python -m consumer.tools.model_builder --out DIR --size tiny|vit-b-32 [--seed N] [--force]
+    python -m consumer.tools.model_builder --out DIR --size NAME [--seed N] [--force]
+
+NAME is ``tiny``, a family in ``FAMILIES`` (full size: ``vit-b-32`` is OpenAI's shapes,
+``laion-vit-b-32``, ``metaclip-vit-b-32``, ``tinyclip-vit-40m-32``) or ``<family>-small``: the
+family's activation, patch size, image size and image recipe with 2-layer, 32-wide towers.
 
 The directory holds ``config.json`` + ``model.safetensors`` (a ``CLIPModel``), the real
 CLIP BPE tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``,
@@ -27,13 +31,13 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from consumer.encoder.extras import TORCH_BACKEND_MODULES, missing_extra
 
 BUILDER_VERSION = 1
-SIZES: tuple[str, ...] = ("tiny", "vit-b-32")
 MARKER_FILE = "random_weights.json"
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -48,6 +52,114 @@ PAD_TOKEN_ID = EOS_TOKEN_ID
 IMAGE_SIZE = 224
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+OPENAI_PREPROCESS: dict[str, Any] = {
+    "shortest_edge": IMAGE_SIZE,
+    "crop_size": IMAGE_SIZE,
+    "image_mean": IMAGE_MEAN,
+    "image_std": IMAGE_STD,
+    "resample": 3,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One published CLIP checkpoint's architecture, image recipe and quality, reproduced with random weights.
+
+    ``text`` / ``vision``: ``CLIPTextConfig`` / ``CLIPVisionConfig`` fields as the hub's ``config.json``
+    states them; ``preprocess``: its ``preprocessor_config.json`` (``size.shortest_edge``, ``crop_size``,
+    ``image_mean``, ``image_std``, ``resample``). Quality figures are the publisher's, never measured here.
+    """
+
+    hub_id: str
+    hidden_act: str
+    projection_dim: int
+    text: dict[str, int]
+    vision: dict[str, int]
+    imagenet_zero_shot_top1: float | None
+    coco_text_to_image_r1: float | None
+    quality_source: str
+    parameters: str
+    preprocess: dict[str, Any] = field(default_factory=lambda: dict(OPENAI_PREPROCESS))
+
+
+_B32_TEXT = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
+_B32_VISION = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 32,
+    "image_size": 224,
+}
+
+FAMILIES: dict[str, Family] = {
+    # config.json / preprocessor_config.json of each hub id (the transformers CLIPModel checkpoints).
+    "vit-b-32": Family(
+        hub_id="openai/clip-vit-base-patch32",
+        hidden_act="quick_gelu",
+        projection_dim=512,
+        text=_B32_TEXT,
+        vision=_B32_VISION,
+        imagenet_zero_shot_top1=63.2,
+        coco_text_to_image_r1=None,
+        quality_source="ImageNet: OpenCLIP README (OpenAI ViT-B/32, 63.2%); COCO R@1 for B/32 not in the CLIP paper",
+        parameters="151M (text 63M, vision 88M)",
+    ),
+    "laion-vit-b-32": Family(
+        hub_id="laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        hidden_act="gelu",
+        projection_dim=512,
+        text=_B32_TEXT,
+        vision=_B32_VISION,
+        imagenet_zero_shot_top1=66.6,
+        coco_text_to_image_r1=None,
+        quality_source="ImageNet: model card / OpenCLIP README (LAION-2B ViT-B/32, 66.6%)",
+        parameters="151M (text 63M, vision 88M)",
+    ),
+    "metaclip-vit-b-32": Family(
+        hub_id="facebook/metaclip-b32-400m",
+        hidden_act="quick_gelu",
+        projection_dim=512,
+        text=_B32_TEXT,
+        vision=_B32_VISION,
+        imagenet_zero_shot_top1=65.5,
+        coco_text_to_image_r1=None,
+        quality_source="ImageNet: MetaCLIP paper (Xu et al. 2023, arXiv:2309.16671), ViT-B/32 400M, 65.5%",
+        parameters="151M (text 63M, vision 88M)",
+    ),
+    "tinyclip-vit-40m-32": Family(
+        hub_id="wkcn/TinyCLIP-ViT-40M-32-Text-19M-LAION400M",
+        # open_clip's TinyCLIP-ViT-40M-32-Text-19M config: width 512 both towers, 12 vision / 6 text
+        # layers, head width 64, MLP ratio 4, no QuickGELU (so nn.GELU).
+        hidden_act="gelu",
+        projection_dim=512,
+        text={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8},
+        vision={
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "patch_size": 32,
+            "image_size": 224,
+        },
+        imagenet_zero_shot_top1=59.8,
+        coco_text_to_image_r1=None,
+        quality_source="ImageNet: TinyCLIP README (Wu et al. ICCV 2023), ViT-40M/32 Text-19M LAION-400M, 59.8%",
+        parameters="~84M (text 19M + 25M token embeddings, vision 40M)",
+    ),
+}
+"""Full-size families by builder NAME; values from each hub id's config files and publications (see ``quality_source``)."""
+
+SMALL_SUFFIX = "-small"
+SIZES: tuple[str, ...] = ("tiny", *FAMILIES, *(name + SMALL_SUFFIX for name in FAMILIES))
+
+
+def family_of(size: str) -> Family | None:
+    """The ``Family`` a builder NAME reproduces (``None`` for ``tiny``); raises ValueError for an unknown NAME."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    return FAMILIES.get(size.removesuffix(SMALL_SUFFIX))
+
 
 KNOWN_TOKENIZATIONS: dict[str, list[int]] = {
     "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
@@ -138,38 +250,37 @@ def build_tokenizer(bpe_path: Path = BPE_PATH) -> Any:
 
 
 def clip_config(size: str) -> Any:
-    """Return the ``CLIPConfig`` for ``size`` (``tiny`` or ``vit-b-32``) with the real CLIP token ids."""
+    """Return the ``CLIPConfig`` for builder NAME ``size`` with the real CLIP token ids."""
     from transformers import CLIPConfig
 
-    token_ids = {
+    family = family_of(size)
+    token_ids: dict[str, Any] = {
         "vocab_size": VOCAB_SIZE,
         "max_position_embeddings": CONTEXT_LENGTH,
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": PAD_TOKEN_ID,
     }
-    if size == "tiny":
-        text_config = {
-            **token_ids,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "projection_dim": 32,
-        }
-        vision_config = {
-            "image_size": IMAGE_SIZE,
-            "patch_size": 32,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "projection_dim": 32,
-        }
-        return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32)
-    if size == "vit-b-32":
-        return CLIPConfig(text_config=token_ids)
-    raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    small: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+    }
+    if family is None:
+        vision = {"image_size": IMAGE_SIZE, "patch_size": 32, **small}
+        return CLIPConfig(text_config={**token_ids, **small}, vision_config=vision, projection_dim=32)
+    act: dict[str, Any] = {"hidden_act": family.hidden_act}
+    if size.endswith(SMALL_SUFFIX):
+        vision = {"image_size": family.vision["image_size"], "patch_size": family.vision["patch_size"], **small, **act}
+        return CLIPConfig(text_config={**token_ids, **small, **act}, vision_config=vision, projection_dim=32)
+    proj = {"projection_dim": family.projection_dim}
+    return CLIPConfig(
+        text_config={**token_ids, **family.text, **act, **proj},
+        vision_config={**family.vision, **act, **proj},
+        projection_dim=family.projection_dim,
+    )
 
 
 def _read_marker(directory: Path) -> dict[str, Any] | None:
@@ -204,8 +315,8 @@ def _is_complete(directory: Path, size: str, seed: int) -> bool:
     return all((directory / name).is_file() for name in REQUIRED_FILES)
 
 
-def _save_image_processor(directory: Path) -> None:
-    """Save CLIP's preprocessor config; uses the PIL backend class since torchvision may be absent."""
+def _save_image_processor(directory: Path, family: Family | None) -> None:
+    """Save the family's preprocessor config; uses the PIL backend class since torchvision may be absent."""
     processor_cls: type[Any]
     try:
         from transformers import CLIPImageProcessorPil
@@ -215,17 +326,18 @@ def _save_image_processor(directory: Path) -> None:
         from transformers import CLIPImageProcessor
 
         processor_cls = CLIPImageProcessor
+    recipe = family.preprocess if family else OPENAI_PREPROCESS
     processor = processor_cls(
         do_resize=True,
-        size={"shortest_edge": IMAGE_SIZE},
-        resample=3,
+        size={"shortest_edge": recipe["shortest_edge"]},
+        resample=recipe["resample"],
         do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        crop_size={"height": recipe["crop_size"], "width": recipe["crop_size"]},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
+        image_mean=recipe["image_mean"],
+        image_std=recipe["image_std"],
         do_convert_rgb=True,
     )
     processor.save_pretrained(str(directory))
@@ -245,7 +357,7 @@ def _write_model_files(directory: Path, size: str, seed: int) -> None:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(str(directory))
     write_vocab_files(directory)
-    _save_image_processor(directory)
+    _save_image_processor(directory, family_of(size))
 
 
 def _apply_umask(directory: Path) -> None:
@@ -257,9 +369,11 @@ def _apply_umask(directory: Path) -> None:
 
 
 def _marker_payload(size: str, seed: int) -> dict[str, Any]:
+    family = family_of(size)
     return {
         "random_weights": True,
         "size": size,
+        "family": family.hub_id if family else None,
         "seed": seed,
         "builder_version": BUILDER_VERSION,
         "note": "random weights: rankings are meaningless except exact matches",
@@ -274,8 +388,7 @@ def build_random_clip(out_dir: Path | str, size: str = "tiny", seed: int = 0, *,
     the marker written last, so an interrupted build is never mistaken for a complete one.
     ``force=True`` rebuilds unconditionally. Same ``(size, seed)`` gives bit-identical weights.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    family_of(size)
     out = Path(out_dir)
     if not force and _is_complete(out, size, seed):
         return out
