@@ -39,12 +39,15 @@ TEARDOWN_GRACE_S = 2.0
 
 
 def onnx_dir_for(settings: Settings) -> Path:
-    """Where the ONNX export of ``CLIP_MODEL`` lives: ``ONNX_DIR``, else a per-model folder in ``MODEL_CACHE_DIR``."""
+    """Where the ONNX export of ``CLIP_MODEL`` lives: ``ONNX_DIR``, else a per-model folder in ``MODEL_CACHE_DIR``
+    named after the towers' quantization (``-int8``, ``-none``, or ``-text-none-vision-int8`` when they differ)."""
     if settings.onnx_dir:
         return Path(settings.onnx_dir)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", settings.clip_model.strip("/"))[-60:]
     digest = hashlib.sha256(settings.clip_model.encode()).hexdigest()[:8]
-    return Path(settings.model_cache_dir).expanduser() / "onnx" / f"{slug}-{digest}-{settings.onnx_quantize}"
+    quantize = settings.tower_quantization
+    variant = quantize["text"] if quantize["text"] == quantize["vision"] else f"text-{quantize['text']}-vision-{quantize['vision']}"
+    return Path(settings.model_cache_dir).expanduser() / "onnx" / f"{slug}-{digest}-{variant}"
 
 
 def build_encoder(settings: Settings) -> Encoder:
@@ -53,8 +56,9 @@ def build_encoder(settings: Settings) -> Encoder:
     Raises ``StartupError`` (one line naming the ``export`` extra) when the torch backend or a missing
     export needs torch/transformers/onnx and they are not installed (``pip install clip-search`` serves only).
 
-    The model id recorded with every stored feature names the backend's precision, so features
-    of different precisions are never mixed (switching re-encodes the catalog).
+    The model id recorded with every stored feature names the precision the export's vision tower
+    finally has (after any fidelity fallback), so features of different precisions are never mixed
+    (switching re-encodes the catalog).
     """
     if settings.encoder_backend == "torch":
         if missing := missing_extra("ENCODER_BACKEND=torch", TORCH_BACKEND_MODULES):
@@ -70,15 +74,18 @@ def build_encoder(settings: Settings) -> Encoder:
     from consumer.tools.onnx_export import export_in_subprocess, is_current
 
     out = onnx_dir_for(settings)
-    if not is_current(settings.clip_model, out, quantize=settings.onnx_quantize):
+    quantize, min_cosine = settings.tower_quantization, settings.export_min_cosine
+    if not is_current(settings.clip_model, out, quantize=quantize, min_cosine=min_cosine):
         purpose = f"CLIP_MODEL={settings.clip_model} has no current ONNX export in {out} (ONNX_DIR), and exporting it"
         if missing := missing_extra(purpose, EXPORT_MODULES):
             raise StartupError(missing)
         check_export_fits(settings, out)
-        log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, settings.onnx_quantize, out)
-        export_in_subprocess(settings.clip_model, out, quantize=settings.onnx_quantize)
+        log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, quantize, out)
+        export_in_subprocess(settings.clip_model, out, quantize=quantize, min_cosine=min_cosine)
     backend = OnnxBackend(str(out), settings.torch_num_threads)
-    suffix = "" if settings.onnx_quantize == "none" else f"#onnx-{settings.onnx_quantize}"
+    vision = (backend.manifest.get("towers") or {}).get("vision") or {}
+    used = vision.get("quantization", quantize["vision"])
+    suffix = "" if used == "none" else f"#onnx-{used}"
     return Encoder(backend, model_id=settings.clip_model + suffix, random_weights=backend.random_weights)
 
 
@@ -102,7 +109,8 @@ def check_export_fits(settings: Settings, out: Path) -> None:
         raise StartupError(
             f"exporting CLIP_MODEL={settings.clip_model} to ONNX needs about {need / 2**20:.0f} MB, more than {name} "
             f"({limit / 2**20:.0f} MB): run `clip-search-export-onnx --model {settings.clip_model} --out {out} "
-            f"--quantize {settings.onnx_quantize}` where memory allows (docker compose: the model-export service), then start again"
+            f"--quantize-text {settings.tower_quantization['text']} --quantize-vision {settings.tower_quantization['vision']} "
+            f"--min-cosine {settings.export_min_cosine}` where memory allows (docker compose: the model-export service), then start again"
         )
 
 

@@ -82,6 +82,14 @@ class Settings(SecuritySettings, BaseSettings):
         "onnx", description="onnx: ONNX Runtime, exported once from CLIP_MODEL, no torch in the serving process"
     )
     onnx_quantize: Literal["int8", "none"] = "int8"
+    onnx_quantize_text: Literal["int8", "none"] | None = Field(None, description="the text tower's quantization; default: ONNX_QUANTIZE")
+    onnx_quantize_vision: Literal["int8", "none"] | None = Field(
+        None, description="the vision tower's quantization; default: ONNX_QUANTIZE"
+    )
+    export_min_cosine: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.99,
+        description="an int8 tower whose minimum cosine to the source model over the export's probe set is below this falls back",
+    )
     onnx_dir: str | None = Field(None, description="ONNX export of CLIP_MODEL; default under MODEL_CACHE_DIR")
     model_cache_dir: str = "~/.cache/clip-search"
     feature_dtype: Literal["float32", "float16", "int8"] = "float32"
@@ -148,6 +156,11 @@ class Settings(SecuritySettings, BaseSettings):
         if topic in self.own_topics:
             return False
         return self.reply_topic_pattern is None or self.reply_topic_pattern.fullmatch(topic) is not None
+
+    @property
+    def tower_quantization(self) -> dict[str, Literal["int8", "none"]]:
+        """The quantization each tower is exported with: ``ONNX_QUANTIZE_TEXT`` / ``_VISION``, else ``ONNX_QUANTIZE``."""
+        return {"text": self.onnx_quantize_text or self.onnx_quantize, "vision": self.onnx_quantize_vision or self.onnx_quantize}
 
     @property
     def max_batch_wait_s(self) -> float:

@@ -45,6 +45,35 @@ STAGES = ("queue", "batch_wait", "encode", "rank", "publish", "commit")
 """The stages of ``clip_search_stage_seconds``, in the order a search request passes them."""
 
 
+def _export_fidelity(encoder: Encoder) -> Iterable[Metric]:
+    """The ONNX export manifest's ``fidelity`` figures, per exported tower; nothing for a backend without a manifest (torch)."""
+    manifest = getattr(getattr(encoder, "backend", None), "manifest", None)
+    fidelity = manifest.get("fidelity") if isinstance(manifest, dict) else None
+    if not fidelity:
+        return
+    cosine = GaugeMetricFamily(
+        f"{PREFIX}_export_fidelity_cosine",
+        "Cosine between the exported tower's and the source model's embeddings over the export's probe set (stat: mean or min).",
+        labels=["tower", "stat"],
+    )
+    recall = GaugeMetricFamily(
+        f"{PREFIX}_export_fidelity_recall_at_10",
+        "Share of each probe's 10 nearest probe-catalog neighbours under the source model kept by the exported tower.",
+        labels=["tower"],
+    )
+    quantized = GaugeMetricFamily(
+        f"{PREFIX}_export_quantized",
+        "1 when the exported tower serves int8 (possibly with MatMuls left in fp32), 0 for fp32.",
+        labels=["tower"],
+    )
+    for tower, figures in sorted(fidelity.items()):
+        cosine.add_metric([tower, "mean"], figures["mean_cosine"])
+        cosine.add_metric([tower, "min"], figures["min_cosine"])
+        recall.add_metric([tower], figures["recall_at_10"])
+        quantized.add_metric([tower], 0 if figures["quantization"] == "none" else 1)
+    yield from (cosine, recall, quantized)
+
+
 class _LiveCollector(Collector):
     """Gauges sampled at scrape time from /proc, the cgroup, the encoder and the index."""
 
@@ -83,6 +112,7 @@ class _LiveCollector(Collector):
                 if tower in load_s:
                     seconds.add_metric([tower], load_s[tower])
             yield from (nbytes, loaded, seconds, count)
+            yield from _export_fidelity(o.encoder)
 
         if o.index is not None:
             yield GaugeMetricFamily(f"{PREFIX}_index_bytes", "Bytes of the in-memory feature index arrays.", value=o.index.nbytes)

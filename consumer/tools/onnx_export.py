@@ -1,11 +1,13 @@
 """Export CLIP's text and vision towers to ONNX, optionally with weight int8 dynamic quantization.
 
-(One tool, about 440 lines: tracing, quantization, the ORT-format copy, the manifest and the
-child-process runner are the steps of one export and share its staging directory.)
+(One tool, about 580 lines: tracing, quantization with its fidelity check and fallback, the ORT-format
+copy, the manifest and the child-process runner are the steps of one export and share its staging
+directory; the probe set and its measures live in ``consumer.tools.fidelity``.)
 
 Usage::
 
     python -m consumer.tools.onnx_export --model DIR_OR_HUB_ID --out DIR [--towers text,vision] [--quantize int8|none]
+        [--quantize-text int8|none] [--quantize-vision int8|none] [--min-cosine 0.99]
 
 The output directory holds ``text.onnx`` (inputs ``input_ids``, ``attention_mask``: int64
 [batch, sequence]; output ``text_embeds``: float32 [batch, projection_dim]), ``vision.onnx``
@@ -14,6 +16,12 @@ The output directory holds ``text.onnx`` (inputs ``input_ids``, ``attention_mask
 memory-mapped loading by the same onnxruntime version), the source's ``tokenizer.json``, the
 ``export.json`` manifest (written last) and, for random-weights sources, a copy of
 ``random_weights.json``. Embeddings are not normalised.
+
+Every export checks each tower against its source model on a fixed probe set
+(``consumer.tools.fidelity``) and records the figures in the manifest's ``fidelity`` section. An int8
+tower whose minimum cosine is below ``min_cosine`` falls back: first to int8 with the outlier MatMuls
+(``fidelity.outlier_matmuls``) left in fp32, re-checked; if still below, to fp32. One WARNING line says
+which tower, the cosine measured and what it fell back to; the manifest says what was finally used.
 
 ``export_onnx`` imports torch and transformers in the calling process; a serving process should
 call ``export_in_subprocess`` (or ``is_current`` first), which never imports them.
@@ -32,12 +40,13 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from consumer.encoder.extras import EXPORT_MODULES, missing_extra
 from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest, source_preprocess
+from consumer.tools.fidelity import Fidelity, Probe, compare, outlier_matmuls, run_onnx, run_torch, text_probe, vision_probe
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,11 @@ INT8_OPTIONS: dict[str, Any] = {
 }
 
 Quantize = Literal["none", "int8"]
+TowerQuantize = Quantize | Mapping[str, Quantize]
+"""One quantization for every tower, or one per tower name."""
+DEFAULT_MIN_COSINE = 0.99
+FP32_MIN_COSINE = 0.999
+"""An fp32 graph below this against its source is a broken trace, not a precision choice: the export fails."""
 
 
 class ExportError(RuntimeError):
@@ -105,31 +119,47 @@ def export_memory_need(model: str) -> int | None:
     return int(EXPORT_BASE_BYTES + EXPORT_BYTES_PER_WEIGHT_BYTE * sum(w.stat().st_size for w in weights))
 
 
-def is_current(model_dir: str, out_dir: str | os.PathLike[str], towers: Sequence[str] = TOWERS, quantize: Quantize = "int8") -> bool:
-    """True iff ``out_dir`` already holds an export of ``model_dir`` with at least ``towers`` at ``quantize``.
+def per_tower(quantize: TowerQuantize, towers: Sequence[str] = TOWERS) -> dict[str, Quantize]:
+    """``quantize`` as one choice per tower of ``towers``; raises ValueError for an unknown choice or a missing tower."""
+    chosen: dict[str, Quantize] = dict.fromkeys(towers, quantize) if isinstance(quantize, str) else {t: quantize[t] for t in towers}
+    if bad := {t: q for t, q in chosen.items() if q not in QUANTIZATIONS}:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {bad}")
+    return chosen
 
-    Matches on export format, quantization (and its options), the source fingerprint (local
-    directory: config hash + weight file sizes/mtimes; hub id: the id) and the tower files' sizes.
-    Never imports torch.
+
+def is_current(
+    model_dir: str,
+    out_dir: str | os.PathLike[str],
+    towers: Sequence[str] = TOWERS,
+    quantize: TowerQuantize = "int8",
+    min_cosine: float = DEFAULT_MIN_COSINE,
+) -> bool:
+    """True iff ``out_dir`` already holds an export of ``model_dir`` with at least ``towers``, each requested at
+    its ``quantize`` choice and checked against ``min_cosine``.
+
+    Matches on export format, each tower's requested quantization (and the int8 options), the fidelity
+    threshold, the source fingerprint (local directory: config hash + weight file sizes/mtimes; hub id:
+    the id) and the tower files' sizes. A tower that fell back still matches what was requested, so a
+    fallback is not re-tried on every start. Never imports torch.
     """
     try:
         manifest = read_manifest(out_dir)
     except (OSError, ValueError):
         return False
     wanted = _normalise_towers(towers)
-    expected_options = INT8_OPTIONS if quantize == "int8" else None
+    requested = per_tower(quantize, wanted)
     if (
         manifest.get("format") != EXPORT_FORMAT
-        or manifest.get("quantization") != quantize
-        or manifest.get("quantization_options") != expected_options
+        or ("int8" in requested.values() and manifest.get("quantization_options") != INT8_OPTIONS)
         or manifest.get("source_fingerprint") != _source_fingerprint(model_dir)
     ):
         return False
     exported = manifest.get("towers") or {}
+    fidelity = manifest.get("fidelity") or {}
     out = Path(out_dir)
     for name in wanted:
         entry = exported.get(name)
-        if not entry:
+        if not entry or entry.get("requested") != requested[name] or (fidelity.get(name) or {}).get("threshold") != min_cosine:
             return False
         for key, size_key in (("file", "bytes"), ("ort_file", "ort_bytes")):
             path = out / entry[key]
@@ -165,7 +195,7 @@ def _trace_to_onnx(
         )
 
 
-def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
+def _export_text(model_dir: str, path: Path, probe: Probe) -> dict[str, Any]:
     import torch
     from transformers import CLIPTextModelWithProjection
 
@@ -185,8 +215,9 @@ def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
     eos = cfg.eos_token_id if cfg.eos_token_id not in (None, 2) else 49407
     input_ids = torch.tensor([[bos, 320, 1125, 539, 320, 2368, eos], [bos, 320, 1125, eos, eos, eos, eos]])
     attention_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    tower = TextTower()
     _trace_to_onnx(
-        TextTower(),
+        tower,
         (input_ids, attention_mask),
         path,
         {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
@@ -196,10 +227,11 @@ def _export_text(model_dir: str, path: Path) -> dict[str, Any]:
         "projection_dim": int(model.config.projection_dim),
         "max_length": int(cfg.max_position_embeddings),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "reference": run_torch(tower, probe),
     }
 
 
-def _export_vision(model_dir: str, path: Path) -> dict[str, Any]:
+def _export_vision(model_dir: str, path: Path, probe: Callable[[int], Probe]) -> dict[str, Any]:
     import torch
     from transformers import CLIPVisionModelWithProjection
 
@@ -215,15 +247,19 @@ def _export_vision(model_dir: str, path: Path) -> dict[str, Any]:
             return embeds
 
     size = int(model.config.image_size)
-    _trace_to_onnx(VisionTower(), (torch.zeros(2, 3, size, size),), path, {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}})
+    tower = VisionTower()
+    _trace_to_onnx(tower, (torch.zeros(2, 3, size, size),), path, {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}})
+    images = probe(size)
     return {
         "projection_dim": int(model.config.projection_dim),
         "image_size": size,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "reference": run_torch(tower, images),
+        "probe": images,
     }
 
 
-def _quantize_int8(src: Path, dst: Path, options: dict[str, Any]) -> None:
+def _quantize_int8(src: Path, dst: Path, options: dict[str, Any], exclude: Sequence[str] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -233,7 +269,74 @@ def _quantize_int8(src: Path, dst: Path, options: dict[str, Any]) -> None:
         per_channel=options["per_channel"],
         reduce_range=options["reduce_range"],
         op_types_to_quantize=options["op_types_to_quantize"],
+        nodes_to_exclude=list(exclude),
     )
+
+
+def _settle_tower(name: str, fp32: Path, target: Path, want: Quantize, reference: Any, probe: Probe, min_cosine: float) -> dict[str, Any]:
+    """Write ``name``'s final graph to ``target`` (from the fp32 graph ``fp32``, consumed) and return its fidelity entry.
+
+    ``want`` int8: quantize and check; below ``min_cosine`` (minimum cosine over the probe catalog), retry
+    with the outlier MatMuls excluded, then fall back to fp32. The entry names what was finally used.
+    """
+    attempts: list[dict[str, Any]] = []
+
+    def check(used: str) -> Fidelity:
+        fid = compare(reference, run_onnx(target, probe), probe.queries)
+        attempts.append({"quantization": used, **fid.to_dict()})
+        return fid
+
+    fallback: dict[str, Any] | None = None
+    if want == "int8":
+        _quantize_int8(fp32, target, INT8_OPTIONS)
+        fid = check("int8")
+        if fid.min_cosine >= min_cosine:
+            fp32.unlink()
+            return {**fid.to_dict(), "quantization": "int8", "fallback": None, "threshold": min_cosine, "attempts": attempts}
+        fallback = {"from": "int8", "min_cosine": round(fid.min_cosine, 6), "excluded_nodes": []}
+        if excluded := outlier_matmuls(fp32, probe):
+            _quantize_int8(fp32, target, INT8_OPTIONS, excluded)
+            fid = check("int8-partial")
+            fallback["excluded_nodes"] = excluded
+            if fid.min_cosine >= min_cosine:
+                fp32.unlink()
+                log.warning(
+                    "%s tower: int8 min cosine %.4f < EXPORT_MIN_COSINE %s against the source model; fell back to int8 with %d "
+                    "outlier MatMul(s) in fp32 (min cosine %.4f)",
+                    name,
+                    fallback["min_cosine"],
+                    min_cosine,
+                    len(excluded),
+                    fid.min_cosine,
+                )
+                return {
+                    **fid.to_dict(),
+                    "quantization": "int8-partial",
+                    "fallback": fallback | {"to": "int8-partial"},
+                    "threshold": min_cosine,
+                    "attempts": attempts,
+                }
+    os.replace(fp32, target)
+    fid = check("none")
+    if fid.min_cosine < FP32_MIN_COSINE:
+        raise ExportError(
+            f"{name} tower: the fp32 ONNX graph does not reproduce the source model (min cosine {fid.min_cosine:.6f} on the probe set)"
+        )
+    if fallback is not None:
+        fallback["to"] = "none"
+        log.warning(
+            "%s tower: int8 min cosine %.4f < EXPORT_MIN_COSINE %s against the source model%s; fell back to fp32 (min cosine %.6f)",
+            name,
+            fallback["min_cosine"],
+            min_cosine,
+            f" ({len(fallback['excluded_nodes'])} outlier MatMul(s) excluded: {attempts[1]['min_cosine']:.4f})"
+            if len(attempts) == 3
+            else "",
+            fid.min_cosine,
+        )
+    elif fid.min_cosine < min_cosine:
+        log.warning("%s tower: fp32 min cosine %.6f < EXPORT_MIN_COSINE %s; nothing to fall back to", name, fid.min_cosine, min_cosine)
+    return {**fid.to_dict(), "quantization": "none", "fallback": fallback, "threshold": min_cosine, "attempts": attempts}
 
 
 def _save_ort_format(src: Path, dst: Path) -> None:
@@ -287,21 +390,25 @@ def export_onnx(
     model_dir: str,
     out_dir: Path,
     towers: Sequence[str] = TOWERS,
-    quantize: Quantize = "int8",
+    quantize: TowerQuantize = "int8",
     *,
+    min_cosine: float = DEFAULT_MIN_COSINE,
     force: bool = False,
 ) -> Path:
     """Export ``towers`` of the CLIP ``model_dir`` (local directory or hub id) to ``out_dir``; return ``out_dir``.
 
-    Idempotent: returns at once if ``is_current`` (unless ``force``). Files are written to a
+    ``quantize``: one choice for all towers or one per tower; each int8 tower is checked against the
+    source and falls back below ``min_cosine`` (module docstring). Idempotent: returns at once if
+    ``is_current`` (unless ``force``). Files are written to a
     sibling staging directory and moved in with the manifest last, so an interrupted export is
     never taken for a complete one. Imports torch in this process.
     """
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     wanted = _normalise_towers(towers)
+    requested = per_tower(quantize, wanted)
+    if not 0.0 <= min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in [0, 1], got {min_cosine}")
     out = Path(out_dir)
-    if not force and is_current(model_dir, out, wanted, quantize):
+    if not force and is_current(model_dir, out, wanted, requested, min_cosine):
         return out
 
     _quiet_transformers()
@@ -311,17 +418,23 @@ def export_onnx(
     staging.mkdir()
     try:
         exported: dict[str, Any] = {}
+        fidelity: dict[str, Any] = {}
         info: dict[str, Any] = {}
         for name in wanted:
             started = time.perf_counter()
             target = staging / TOWER_FILES[name]
-            fp32 = staging / f"{name}.fp32.onnx" if quantize == "int8" else target
-            meta = (_export_text if name == "text" else _export_vision)(model_dir, fp32)
-            if quantize == "int8":
-                _quantize_int8(fp32, target, INT8_OPTIONS)
-                fp32.unlink()
+            fp32 = staging / f"{name}.fp32.onnx"
+            if name == "text":
+                probe = text_probe(model_dir)
+                meta = _export_text(model_dir, fp32, probe)
+            else:
+                meta = _export_vision(model_dir, fp32, lambda size: vision_probe(model_dir, size))
+                probe = meta["probe"]
+            checked = time.perf_counter()
+            fidelity[name] = _settle_tower(name, fp32, target, requested[name], meta["reference"], probe, min_cosine)
+            fidelity[name]["seconds"] = round(time.perf_counter() - checked, 2)
             _save_ort_format(target, staging / ORT_FILES[name])
-            info.update({k: v for k, v in meta.items() if k != "parameters"})
+            info.update({k: v for k, v in meta.items() if k not in ("parameters", "reference", "probe")})
             exported[name] = {
                 "file": TOWER_FILES[name],
                 "bytes": target.stat().st_size,
@@ -329,9 +442,18 @@ def export_onnx(
                 "ort_bytes": (staging / ORT_FILES[name]).stat().st_size,
                 "output": TOWER_OUTPUTS[name],
                 "parameters": meta["parameters"],
+                "requested": requested[name],
+                "quantization": fidelity[name]["quantization"],
                 "export_seconds": round(time.perf_counter() - started, 2),
             }
-            log.info("exported %s tower of %s (%s) in %.1fs", name, model_dir, quantize, exported[name]["export_seconds"])
+            log.info(
+                "exported %s tower of %s (%s) in %.1fs; min cosine to the source %.4f",
+                name,
+                model_dir,
+                exported[name]["quantization"],
+                exported[name]["export_seconds"],
+                fidelity[name]["min_cosine"],
+            )
         tokenizer = _save_tokenizer(model_dir, staging / TOKENIZER_FILE)
         marker = Path(model_dir) / MARKER_FILE
         random_weights = marker.is_file()
@@ -342,8 +464,9 @@ def export_onnx(
             "source": model_dir,
             "source_fingerprint": fingerprint,
             "towers": exported,
-            "quantization": quantize,
-            "quantization_options": INT8_OPTIONS if quantize == "int8" else None,
+            "quantization": next(iter(set(requested.values()))) if len(set(requested.values())) == 1 else "mixed",
+            "quantization_options": INT8_OPTIONS if "int8" in requested.values() else None,
+            "fidelity": fidelity,
             "projection_dim": info["projection_dim"],
             "max_length": info.get("max_length", 77),
             "image_size": info.get("image_size", 224),
@@ -371,8 +494,9 @@ def export_in_subprocess(
     model_dir: str,
     out_dir: Path,
     towers: Sequence[str] = TOWERS,
-    quantize: Quantize = "int8",
+    quantize: TowerQuantize = "int8",
     *,
+    min_cosine: float = DEFAULT_MIN_COSINE,
     timeout: float | None = 1800,
 ) -> Path:
     """``export_onnx`` in a child Python process, so this process never imports torch; return ``out_dir``.
@@ -381,8 +505,9 @@ def export_in_subprocess(
     before starting a child that could not import torch, transformers or onnx (the ``export`` extra).
     """
     wanted = _normalise_towers(towers)
+    requested = per_tower(quantize, wanted)
     out = Path(out_dir)
-    if is_current(model_dir, out, wanted, quantize):
+    if is_current(model_dir, out, wanted, requested, min_cosine):
         return out
     if missing := missing_extra(f"exporting {model_dir} to ONNX", EXPORT_MODULES):
         raise ExportError(missing)
@@ -396,8 +521,9 @@ def export_in_subprocess(
         str(out),
         "--towers",
         ",".join(wanted),
-        "--quantize",
-        quantize,
+        "--min-cosine",
+        repr(min_cosine),
+        *(arg for name in wanted for arg in (f"--quantize-{name}", requested[name])),
     ]
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
@@ -406,7 +532,7 @@ def export_in_subprocess(
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         raise ExportError(f"ONNX export of {model_dir} timed out after {timeout}s") from exc
-    if proc.returncode != 0 or not is_current(model_dir, out, wanted, quantize):
+    if proc.returncode != 0 or not is_current(model_dir, out, wanted, requested, min_cosine):
         tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
         raise ExportError(f"ONNX export of {model_dir} failed (exit {proc.returncode}):\n{tail}")
     return out
@@ -418,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="local model directory or hub id")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--towers", default=",".join(TOWERS), help="comma-separated subset of text,vision")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="int8")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="int8", help="default of --quantize-text and --quantize-vision")
+    for name in TOWERS:
+        parser.add_argument(f"--quantize-{name}", choices=QUANTIZATIONS, default=None, help=f"the {name} tower's quantization")
+    parser.add_argument(
+        "--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help="an int8 tower below this minimum cosine to the source falls back"
+    )
     parser.add_argument("--force", action="store_true", help="export even if the manifest matches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -428,19 +559,24 @@ def main(argv: list[str] | None = None) -> int:
         towers = _normalise_towers(args.towers)
     except ValueError as exc:
         parser.error(str(exc))
-    if (args.force or not is_current(args.model, args.out, towers, args.quantize)) and (
+    quantize: dict[str, Quantize] = {name: getattr(args, f"quantize_{name}") or args.quantize for name in towers}
+    if (args.force or not is_current(args.model, args.out, towers, quantize, args.min_cosine)) and (
         missing := missing_extra("clip-search-export-onnx", EXPORT_MODULES)
     ):
         parser.exit(1, missing + "\n")
 
     started = time.perf_counter()
     try:
-        out = export_onnx(args.model, args.out, towers, args.quantize, force=args.force)
+        out = export_onnx(args.model, args.out, towers, quantize, min_cosine=args.min_cosine, force=args.force)
     except ValueError as exc:
         parser.error(str(exc))
     manifest = read_manifest(out)
-    sizes = " ".join(f"{n}={t['bytes'] / 1e6:.1f}MB" for n, t in (manifest.get("towers") or {}).items())
-    print(f"{out} quantize={args.quantize} {sizes} {time.perf_counter() - started:.1f}s")
+    fidelity = manifest.get("fidelity") or {}
+    sizes = " ".join(
+        f"{n}={t['bytes'] / 1e6:.1f}MB({t.get('quantization')},min_cos={(fidelity.get(n) or {}).get('min_cosine')})"
+        for n, t in (manifest.get("towers") or {}).items()
+    )
+    print(f"{out} {sizes} {time.perf_counter() - started:.1f}s")
     return 0
 
 
