@@ -58,7 +58,12 @@ def client_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_consumer(settings: Settings, group_id: str | None, **overrides: object) -> AIOKafkaConsumer:
-    """A consumer with manual commits that starts from the earliest offset for a new group."""
+    """A consumer with manual commits that starts from the earliest offset for a new group.
+
+    ``fetch_min_bytes`` stays aiokafka's 1 (a fetch is answered once any record is there) and
+    ``fetch_max_wait_ms`` is ``KAFKA_FETCH_MAX_WAIT_MS`` (aiokafka's default is 500): a broker that holds a
+    waiting fetch to its end whatever arrives (Tansu) delays a record by about half of it.
+    """
     options = client_options(settings) | {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -73,7 +78,11 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: object)
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
-    """A producer whose sends count as delivered only when all in-sync replicas have them."""
+    """A producer whose sends count as delivered only when all in-sync replicas have them.
+
+    ``linger_ms=0``: a send goes out at once; the sends of a batch are in flight together
+    (``transport.publish_each`` sends all, then gathers the acknowledgements).
+    """
     options = client_options(settings) | {
         "acks": "all",
         "max_request_size": settings.kafka_max_request_size,

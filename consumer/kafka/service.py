@@ -296,7 +296,10 @@ class Service:
                     await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def run(self) -> None:
-        """Loop until ``request_stop``: collect, handle, publish (acknowledged), commit.
+        """Loop until ``request_stop``: collect, handle, publish (acknowledged), commit; one such loop per lane.
+
+        A lane that raises ends ``run`` with its exception (the other lane is cancelled, its batch left
+        uncommitted for redelivery).
 
         Bad input never ends the loop, whatever its share of the traffic (it is answered and
         committed); a failing dependency pauses the affected partitions and retries them.
