@@ -64,7 +64,7 @@ class SearchClient:
 
     async def __aenter__(self) -> SearchClient:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", max_request_size=8 * 1024 * 1024)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
         await self.producer.start()
         await self.consumer.start()
         partitions = await self._partitions()
