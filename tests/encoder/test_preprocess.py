@@ -99,3 +99,16 @@ def test_source_and_manifest_recipes(tmp_path: Path) -> None:
     assert manifest_preprocess({"image_size": 256}).image_size == 256
     recipe = ImagePreprocess.from_processor_config(LAION_LIKE)
     assert manifest_preprocess({"preprocess": recipe.to_dict()}) == recipe
+
+
+def test_encoder_preprocess_comes_from_the_backend(tmp_path: Path) -> None:
+    from consumer.encoder.encoder import Encoder
+    from consumer.encoder.torch_backend import TorchBackend
+
+    class NoRecipe:
+        name = "fake"
+
+    assert Encoder(NoRecipe(), model_id="m").preprocess == OPENAI_CLIP  # type: ignore[arg-type]
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 256}}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(LAION_LIKE))
+    assert Encoder(TorchBackend(str(tmp_path)), model_id="m").preprocess == ImagePreprocess.from_processor_config(LAION_LIKE)
