@@ -61,9 +61,9 @@ def memory_plot(report: dict, path: Path) -> Path:
         for name, y in MEMORY_TARGETS_MB.get(label, {}).items():
             ax.axhline(y, linestyle=":", color="tab:red", linewidth=1)
             ax.text(0, y, f" {name} {y:.0f}", color="tab:red", fontsize=7, va="bottom")
-        for name, t in (tl.get("marks") or {}).items():
+        for k, (name, t) in enumerate((tl.get("marks") or {}).items()):
             ax.axvline(t, linestyle="--", color="grey", linewidth=0.8)
-            ax.text(t, top * 0.97, f" {name}", fontsize=7, va="top", color="dimgrey")
+            ax.text(t, top * (0.97 - 0.1 * (k % 2)), f" {name}", fontsize=7, va="top", color="dimgrey")
         ax.set_ylim(0, top)
         ax.set_ylabel("MB")
         ax.set_title(f"{label}: peak RSS {max(tl['rss_mb'], default=0):.0f} MB, anon {max(tl['anon_mb'], default=0):.0f} MB", fontsize=9)

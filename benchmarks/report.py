@@ -84,7 +84,7 @@ def _family_rows(r: dict) -> list[Row]:
 
 
 def table(r: dict) -> list[dict]:
-    """Target rows: figure, measured, target, seed_baseline, ratio (measured / seed) and met."""
+    """Target rows: figure, measured, target, seed_baseline, ratio (measured / seed) and met (None: no target)."""
     s, a, i, b, f = (r.get(k) or {} for k in ("search", "all", "ingest", "seed_baseline", "fidelity"))
     g = lambda d, *p: _get(d, *p)  # noqa: E731 - a short local alias keeps the rows on one line each
     all_p99, all_rate = g(a, "open_loop_20rps_during_burst", "p99_ms"), a.get("image_updates_per_s")
@@ -171,7 +171,7 @@ def table(r: dict) -> list[dict]:
                 "target": target,
                 "seed_baseline": baseline,
                 "ratio": round(value / baseline, 2) if value and baseline else None,
-                "met": bool(value is not None and ok(value)),
+                "met": None if target == "-" else bool(value is not None and ok(value)),
             }
         )
     return out
@@ -186,6 +186,9 @@ def family_table(r: dict) -> list[dict]:
     return [{"family": name, "hub_id": fam.get("hub_id")} | family_figures(fam) for name, fam in (r.get("families") or {}).items()]
 
 
+MET = {True: "yes", False: "NO", None: "-"}
+
+
 def fmt(v: object) -> str:
     return "-" if v is None else str(v)
 
@@ -195,7 +198,7 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(
             f"{row['figure']:<58} {fmt(row['measured']):>10} {row['target']:>27} {fmt(row['seed_baseline']):>10} "
-            f"{fmt(row['ratio']):>7}  {'yes' if row['met'] else 'NO'}"
+            f"{fmt(row['ratio']):>7}  {MET[row['met']]}"
         )
     return "\n".join(lines)
 

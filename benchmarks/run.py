@@ -1,7 +1,9 @@
 """Speed and memory of the service against a seed-style baseline, on real processes.
 
-    ./run.sh bench            full run: 100,000 products (well inside 15 minutes)
-    ./run.sh bench --quick    10,000 products, short phases (about a minute or two)
+    ./run.sh bench                    full run: 100,000 products, then every model family on 10,000
+    ./run.sh bench --quick            10,000 products, short phases, no families (--families adds them on 2,000)
+    ./run.sh bench --skip-families    the full run without the families; --families-only: only them
+    ./run.sh bench --replot [--quick] tables and plots again from the existing JSON report, nothing run
 
 Builds the ViT-B/32-shaped random CLIP once (cached in .cache/), exports it to ONNX int8,
 starts a Tansu broker and a SecantusDB store, writes the catalog's features straight to the
@@ -10,9 +12,13 @@ store and the compacted features topic, then runs each configuration as its own
 for throughput, open loop at a fixed rate for latency) and a sampler reads the process's
 VmRSS/RssAnon from /proc every 50 ms. ``ROLE=search`` starts twice: as a new replica that reads
 the whole features topic (and writes an index snapshot at shutdown), then as a restart from that
-snapshot. The seed-style baseline (benchmarks/seed_baseline.py)
-runs through the same broker in the same run. Prints a table and writes a JSON report
-(benchmarks/reports/benchmark[-quick].json).
+snapshot. ``ROLE=ingest`` runs alone with a burst of image updates (images/s from the first
+publish to the last update applied); ``ROLE=all`` answers 20 searches/s during a burst of the
+same size. The seed-style baseline (benchmarks/seed_baseline.py) runs through the same broker in
+the same run. Per family (``model_builder.FAMILIES``): the export's process-tree peak (into an
+empty cache), the text tower's ms per query, and ROLE=search, ingest and all on a smaller catalog.
+Prints the tables and writes a JSON report (benchmarks/reports/benchmark[-quick].json) with
+PNG plots next to it (benchmarks/plots.py).
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.catalog import features, fields
+from benchmarks.plots import write_plots
+from benchmarks.report import OPENAI, family_figures, family_table, format_family_table, format_table, table
+from benchmarks.sampling import RssSampler, TreePeak
 from consumer.app import onnx_dir_for
 from consumer.config.settings import Settings
 from consumer.index.feature_index import ProductMeta
@@ -46,65 +56,32 @@ from devservices import MongoServer, TansuBroker, create_topics, free_port
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 REPORTS = REPO / "benchmarks" / "reports"
-TOPICS = {
-    "PRODUCT_UPDATES_TOPIC": "bench-product-updated",
-    "DEAD_LETTER_TOPIC": "bench-dead-letters",
-    "FEATURES_TOPIC": "bench-product-features",
-}
-SCENARIOS = ("search", "all", "seed")
+SCENARIOS = ("search", "ingest", "all", "seed")
+FAMILY_SCENARIOS = ("search", "ingest", "all")
 
 
-def scenario_topics(scenario: str) -> dict[str, str]:
-    """Each scenario gets its own request and reply topics, so none starts behind another's backlog."""
-    return TOPICS | {"SEARCH_REQUESTS_TOPIC": f"bench-search-requests-{scenario}", "REPLY_TOPIC": f"bench-search-results-{scenario}"}
+def scenario_topics(scenario: str, prefix: str = "bench") -> dict[str, str]:
+    """Each scenario gets its own request, reply and product-update topics, so none starts behind another's backlog;
+    the features topic is shared by every scenario of one ``prefix`` (one model)."""
+    return {
+        "PRODUCT_UPDATES_TOPIC": f"{prefix}-product-updated-{scenario}",
+        "DEAD_LETTER_TOPIC": f"{prefix}-dead-letters",
+        "FEATURES_TOPIC": f"{prefix}-product-features",
+        "SEARCH_REQUESTS_TOPIC": f"{prefix}-search-requests-{scenario}",
+        "REPLY_TOPIC": f"{prefix}-search-results-{scenario}",
+    }
 
 
-class RssSampler:
-    """Samples VmRSS and RssAnon (MiB) of one pid every ``interval`` seconds in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.samples: list[tuple[float, float, float]] = []
-        self._marks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> tuple[float, float] | None:
-        try:
-            text = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        values = {}
-        for line in text.splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
-                values[key] = int(rest.split()[0]) / 1024
-        return values.get("VmRSS", 0.0), values.get("RssAnon", 0.0)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            reading = self._read()
-            if reading:
-                self.samples.append((time.monotonic(), *reading))
-
-    def mark(self, name: str) -> None:
-        self._marks[name] = len(self.samples)
-
-    def peak(self, since: str | None = None, until: str | None = None) -> dict:
-        rows = self.samples[self._marks.get(since, 0) if since else 0 : self._marks.get(until) if until else None]
-        if not rows:
-            return {"rss_mb": None, "anon_mb": None}
-        return {"rss_mb": round(max(r[1] for r in rows), 1), "anon_mb": round(max(r[2] for r in rows), 1)}
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+async def create_bench_topics(bootstrap: str, prefix: str, scenarios: tuple[str, ...]) -> None:
+    topics = [scenario_topics(s, prefix) for s in scenarios]
+    await create_topics(bootstrap, [t["SEARCH_REQUESTS_TOPIC"] for t in topics], partitions=4)
+    await create_topics(bootstrap, [t[k] for t in topics for k in ("REPLY_TOPIC", "PRODUCT_UPDATES_TOPIC")])
+    await create_topics(bootstrap, [topics[0]["DEAD_LETTER_TOPIC"]])
+    await create_topics(bootstrap, [topics[0]["FEATURES_TOPIC"]], compacted={topics[0]["FEATURES_TOPIC"]})
 
 
-def loadgen(bootstrap: str, scenario: str, mode: str, **kw) -> dict:
-    topics = scenario_topics(scenario)
+def loadgen(bootstrap: str, scenario: str, mode: str, prefix: str = "bench", **kw: object) -> dict:
+    topics = scenario_topics(scenario, prefix)
     cmd = [
         sys.executable,
         "-m",
@@ -173,8 +150,8 @@ class ServiceProcess:
         self.log.close()
 
 
-async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | None) -> dict:
-    """Features straight to the compacted features topic and (optionally) the store; seconds taken."""
+async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | None, prefix: str = "bench", dim: int = 512) -> dict:
+    """Features straight to ``prefix``'s compacted features topic and (optionally) the store database ``prefix``; seconds taken."""
     from aiokafka import AIOKafkaProducer
     from pymongo import AsyncMongoClient
 
@@ -182,7 +159,8 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
     from consumer.store.product_store import ProductStore
     from schemas import ProductFeature
 
-    feats = features(n)
+    feats = features(n, dim=dim)
+    topic = scenario_topics("search", prefix)["FEATURES_TOPIC"]
     timings = {}
     start = time.monotonic()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
@@ -191,9 +169,9 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
         pending = []
         for i in range(n):
             f = fields(i)
-            dim, feature_b64 = encode_feature(feats[i])
-            event = ProductFeature(model_id=model_id, dim=dim, feature_b64=feature_b64, **f)
-            pending.append(await producer.send(TOPICS["FEATURES_TOPIC"], event.model_dump_json().encode(), key=f["product_id"].encode()))
+            size, feature_b64 = encode_feature(feats[i])
+            event = ProductFeature(model_id=model_id, dim=size, feature_b64=feature_b64, **f)
+            pending.append(await producer.send(topic, event.model_dump_json().encode(), key=f["product_id"].encode()))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
                 pending.clear()
@@ -203,7 +181,7 @@ async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | 
     timings["features_topic_s"] = round(time.monotonic() - start, 1)
     if mongo_uri:
         start = time.monotonic()
-        store = ProductStore(AsyncMongoClient(mongo_uri), "bench", journal=False)
+        store = ProductStore(AsyncMongoClient(mongo_uri), prefix, journal=False)
         await store.ensure_indexes()
         for chunk in range(0, n, 2000):
             items = [(ProductMeta(**fields(i)), feats[i]) for i in range(chunk, min(n, chunk + 2000))]
@@ -268,15 +246,14 @@ print(json.dumps({{"query_mean_cosine_int8_vs_fp32": cos, "query_recall_at_10_in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def service_env(bootstrap: str, model_dir: str, scenario: str, **extra: str) -> dict[str, str]:
-    group = f"bench-{scenario}"
+def service_env(bootstrap: str, model_dir: str, scenario: str, prefix: str = "bench", **extra: str) -> dict[str, str]:
     return (
-        scenario_topics(scenario)
+        scenario_topics(scenario, prefix)
         | {
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "CLIP_MODEL": model_dir,
             "MODEL_CACHE_DIR": str(CACHE),
-            "CONSUMER_GROUP_ID": group,
+            "CONSUMER_GROUP_ID": f"{prefix}-{scenario}",
             "KAFKA_SESSION_TIMEOUT_MS": "1500",
             "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
             "METRICS_HOST": "127.0.0.1",
@@ -284,9 +261,232 @@ def service_env(bootstrap: str, model_dir: str, scenario: str, **extra: str) -> 
             "TORCH_NUM_THREADS": "2",
             "MALLOC_ARENA_MAX": "2",
             "LOG_LEVEL": "WARNING",
+            "FEATURE_DTYPE": "int8",
+            "MAX_BATCH_SIZE": "32",
+            "MAX_BATCH_WAIT_MS": "5",
         }
         | extra
     )
+
+
+@dataclass
+class Run:
+    """What every scenario needs: the broker, the store, the model and the phase lengths of this run."""
+
+    bootstrap: str
+    mongo_uri: str
+    model_dir: str
+    logs: Path
+    phase: float
+    images: int
+    products: int
+    prefix: str = "bench"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, scenario: str, **extra: str) -> dict[str, str]:
+        return service_env(self.bootstrap, self.model_dir, scenario, self.prefix, **(self.extra_env | extra))
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{self.prefix}-{name}.log"
+
+
+def await_applied(port: int, count: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll the service's metrics until ``count`` product updates are applied; raise if it dies or stalls."""
+    deadline = time.monotonic() + timeout
+    while metric(port, "clip_search_product_updates_total", '{outcome="applied"}') < count:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{count} product updates were not applied (service exit code {proc.returncode})")
+        time.sleep(0.05)
+
+
+def image_burst(run: Run, svc: ServiceProcess, scenario: str, start_id: int, result: dict) -> None:
+    """Publish ``run.images`` image updates to ``scenario``'s topic and record the seconds until all are applied."""
+    from producer_examples.client import publish
+
+    updates = image_updates(run.images, start_id)
+    started = time.monotonic()
+    asyncio.run(publish(run.bootstrap, scenario_topics(scenario, run.prefix)["PRODUCT_UPDATES_TOPIC"], updates, key_field="product_id"))
+    await_applied(svc.port, run.images, svc.proc)
+    result["burst_s"] = time.monotonic() - started
+
+
+def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tuple[dict, dict[str, dict]]:
+    """ROLE=search: text tower only, int8 features followed from the compacted topic. The first start reads the whole
+    topic (and writes an index snapshot at shutdown); with ``restart`` a second start loads that snapshot."""
+    env = run.env("search", ROLE="search", **({"INDEX_SNAPSHOT_DIR": snapshot_dir} if snapshot_dir else {}))
+    svc = ServiceProcess(env, run.log("search"))
+    try:
+        cold_ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
+        indexed = metric(svc.port, "clip_search_index_products")
+        svc.rss.mark("ready")
+        first = loadgen(run.bootstrap, "search", "single", run.prefix)
+        svc.rss.mark("closed")
+        closed = loadgen(run.bootstrap, "search", "closed", run.prefix, concurrency=64, duration=run.phase)
+        svc.rss.mark("open")
+        opened = loadgen(run.bootstrap, "search", "open", run.prefix, rate=20, duration=run.phase)
+        svc.rss.mark("stopping")
+    finally:
+        svc.stop()
+    out = {
+        "cold_start_to_consuming_s": round(cold_ready, 2),
+        "indexed_products": indexed,
+        "first_search_ms": first["p50_ms"],
+        "closed_loop": closed,
+        "open_loop_20rps": opened,
+        "peak": svc.rss.peak(),
+        "peak_under_load": svc.rss.peak(since="closed", until="stopping"),
+    }
+    timelines = {"search": svc.rss.timeline()}
+    if restart:
+        again = ServiceProcess(env | {"METRICS_PORT": str(free_port())}, run.log("search-restart"))
+        try:
+            ready = wait_http(f"http://127.0.0.1:{again.port}/readyz", 300, again.proc)
+            again.rss.mark("ready")
+            out["indexed_after_restart"] = metric(again.port, "clip_search_index_products")
+            out["first_search_after_restart_ms"] = loadgen(run.bootstrap, "search", "single", run.prefix)["p50_ms"]
+            again.rss.mark("stopping")
+        finally:
+            again.stop()
+        out["start_to_consuming_s"] = round(ready, 2)
+        out["peak_restart"] = again.rss.peak()
+        timelines["search restart (snapshot)"] = again.rss.timeline()
+    return out, timelines
+
+
+def ingest_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
+    """ROLE=ingest alone: a burst of ``run.images`` image updates; images/s from the first publish to the last applied."""
+    svc = ServiceProcess(run.env("ingest", ROLE="ingest", MONGODB_URI=run.mongo_uri, MONGODB_DATABASE=run.prefix), run.log("ingest"))
+    result: dict = {}
+    try:
+        ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
+        svc.rss.mark("ready, burst")
+        image_burst(run, svc, "ingest", start_id, result)
+        svc.rss.mark("stopping")
+    finally:
+        svc.stop()
+    out = {
+        "start_to_consuming_s": round(ready, 2),
+        "burst_s": round(result["burst_s"], 2),
+        "image_updates_per_s": round(run.images / result["burst_s"], 1),
+        "peak": svc.rss.peak(),
+    }
+    return out, {"ingest": svc.rss.timeline()}
+
+
+def all_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
+    """ROLE=all: store-filled int8 cache, searches at 20/s during a burst of image updates."""
+    svc = ServiceProcess(run.env("all", ROLE="all", MONGODB_URI=run.mongo_uri, MONGODB_DATABASE=run.prefix), run.log("all"))
+    result: dict = {}
+    try:
+        ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
+        thread = threading.Thread(target=image_burst, args=(run, svc, "all", start_id, result))
+        svc.rss.mark("ready, burst + 20 req/s")
+        thread.start()
+        opened = loadgen(run.bootstrap, "all", "open", run.prefix, rate=20, duration=run.phase)
+        svc.rss.mark("searches done")
+        thread.join(600)
+        svc.rss.mark("stopping")
+    finally:
+        svc.stop()
+    out = {
+        "start_to_consuming_s": round(ready, 2),
+        "open_loop_20rps_during_burst": opened,
+        "burst_s": round(result["burst_s"], 2) if "burst_s" in result else None,
+        "image_updates_per_s": round(run.images / result["burst_s"], 1) if "burst_s" in result else None,
+        "peak": svc.rss.peak(),
+    }
+    return out, {"all": svc.rss.timeline()}
+
+
+def seed_scenario(run: Run) -> tuple[dict, dict[str, dict]]:
+    """The seed-style baseline through the same broker."""
+    log = run.log("seed")
+    svc = ServiceProcess(run.env("seed", BENCH_PRODUCTS=str(run.products)), log, module="benchmarks.seed_baseline")
+    try:
+        t0 = time.monotonic()
+        while "consuming" not in log.read_text():
+            if svc.proc.poll() is not None or time.monotonic() - t0 > 300:
+                raise RuntimeError("seed baseline did not start")
+            time.sleep(0.05)
+        seed_ready = time.monotonic() - svc.started
+        svc.rss.mark("ready")
+        seed_first = loadgen(run.bootstrap, "seed", "single", run.prefix)
+        svc.rss.mark("closed")
+        seed_closed = loadgen(run.bootstrap, "seed", "closed", run.prefix, concurrency=8, duration=run.phase)
+        svc.rss.mark("open")
+        seed_open = loadgen(run.bootstrap, "seed", "open", run.prefix, rate=20, duration=run.phase)
+        svc.rss.mark("stopping")
+    finally:
+        svc.stop()
+    out = {
+        "start_to_consuming_s": round(seed_ready, 2),
+        "first_search_ms": seed_first["p50_ms"],
+        "closed_loop": seed_closed,
+        "open_loop_20rps": seed_open,
+        "peak": svc.rss.peak(),
+    }
+    return out, {"seed baseline": svc.rss.timeline()}
+
+
+def text_encode_ms(onnx_dir: Path) -> dict:
+    """Child process: the ONNX text tower's ms per query, one query at a time (median of 50) and in batches of 32."""
+    code = f"""
+import json, statistics, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from benchmarks.loadgen import query_texts
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.onnx_backend import OnnxBackend
+enc = Encoder(OnnxBackend({str(onnx_dir)!r}, 2), "bench")
+texts = query_texts(210, 7)
+for t in texts[:5]:
+    enc.encode_text([t])
+single = []
+for t in texts[10:60]:
+    s = time.perf_counter(); enc.encode_text([t]); single.append(time.perf_counter() - s)
+batch = []
+for i in range(60, 60 + 32 * 4, 32):
+    s = time.perf_counter(); enc.encode_text(texts[i:i + 32]); batch.append((time.perf_counter() - s) / 32)
+print(json.dumps({{"single_p50_ms": round(statistics.median(single) * 1000, 2), "batch32_per_query_ms": round(statistics.median(batch) * 1000, 2)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def family_names() -> list[str]:
+    """The full-size families of ``model_builder.FAMILIES`` (OpenAI B/32 first); just OpenAI B/32 until they exist."""
+    from consumer.tools import model_builder
+
+    names = list(getattr(model_builder, "FAMILIES", {})) or [OPENAI]
+    return sorted(names, key=lambda name: name != OPENAI)
+
+
+def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: int, phase: float, images: int) -> dict:
+    """One family end to end: a measured export into a fresh cache, then ROLE=search, ingest and all on a small catalog."""
+    from consumer.tools import model_builder
+    from consumer.tools.onnx_export import export_in_subprocess
+
+    model_dir = str(build_random_clip(CACHE / "models" / name, size=name))
+    dim = int(json.loads((Path(model_dir) / "config.json").read_text()).get("projection_dim", 512))
+    family = getattr(model_builder, "FAMILIES", {}).get(name)
+    hub_id = family.get("hub_id") if isinstance(family, dict) else getattr(family, "hub_id", None)
+    with tempfile.TemporaryDirectory(prefix=f"bench-export-{name}-") as cache:
+        settings = Settings(clip_model=model_dir, model_cache_dir=cache, _env_file=None)
+        with TreePeak() as tree:
+            onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
+        out: dict = {"hub_id": hub_id, "dim": dim, "export": {"peak": tree.result()}}
+        print(f"[{name}] export: {out['export']}", flush=True)
+        prefix = f"fam-{name}"
+        run = Run(bootstrap, mongo_uri, model_dir, logs, phase, images, products, prefix, {"MODEL_CACHE_DIR": cache})
+        asyncio.run(create_bench_topics(bootstrap, prefix, FAMILY_SCENARIOS))
+        out["catalog_write"] = asyncio.run(write_catalog(products, model_dir + "#onnx-int8", bootstrap, mongo_uri, prefix, dim))
+        out["text_encode"] = text_encode_ms(Path(onnx_dir))
+        out["search"], _ = search_scenario(run, None, restart=False)
+        out["ingest"], _ = ingest_scenario(run, products)
+        out["all"], _ = all_scenario(run, products + 10 * images)
+    print(f"[{name}] {json.dumps(family_figures(out))}", flush=True)
+    return out
 
 
 def main() -> int:
@@ -294,11 +494,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--products", type=int)
     parser.add_argument("--out", type=Path)
+    fam = parser.add_mutually_exclusive_group()
+    fam.add_argument("--families", action="store_true", help="compare the model families (default for the full run)")
+    fam.add_argument("--skip-families", action="store_true", help="no per-family rows (default for --quick)")
+    fam.add_argument("--families-only", action="store_true", help="only the per-family rows")
+    parser.add_argument("--replot", action="store_true", help="tables and plots again from the existing report; nothing is run")
     args = parser.parse_args()
     n = args.products or (10_000 if args.quick else 100_000)
     phase = 8.0 if args.quick else 30.0
     images = 40 if args.quick else 200
+    with_families = args.families or args.families_only or not (args.quick or args.skip_families)
+    fam_products, fam_phase = (2_000, 4.0) if args.quick else (10_000, 10.0)
     out = args.out or REPORTS / ("benchmark-quick.json" if args.quick else "benchmark.json")
+    if args.replot:
+        return finish(json.loads(out.read_text()), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = out.parent / "logs"
     logs.mkdir(exist_ok=True)
@@ -309,16 +518,7 @@ def main() -> int:
         "phase_s": phase,
         "image_updates": images,
     }
-
-    t = time.monotonic()
-    model_dir = str(build_random_clip(CACHE / "models" / "vit-b-32", size="vit-b-32"))
-    settings = Settings(clip_model=model_dir, model_cache_dir=str(CACHE), _env_file=None)
-    from consumer.tools.onnx_export import export_in_subprocess
-
-    onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
-    model_id = model_dir + "#onnx-int8"
-    report["prepare_model_s"] = round(time.monotonic() - t, 1)
-    print(f"model ready ({report['prepare_model_s']} s); catalog of {n} products ...", flush=True)
+    began = time.monotonic()
 
     with (
         tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir,
@@ -327,197 +527,57 @@ def main() -> int:
         MongoServer(storage_path=store_dir) as mongo,
     ):
         bootstrap = broker.bootstrap
-        asyncio.run(create_topics(bootstrap, [scenario_topics(s)["SEARCH_REQUESTS_TOPIC"] for s in SCENARIOS], partitions=4))
-        asyncio.run(create_topics(bootstrap, [scenario_topics(s)["REPLY_TOPIC"] for s in SCENARIOS]))
-        asyncio.run(create_topics(bootstrap, [TOPICS[k] for k in ("PRODUCT_UPDATES_TOPIC", "DEAD_LETTER_TOPIC")]))
-        asyncio.run(create_topics(bootstrap, [TOPICS["FEATURES_TOPIC"]], compacted={TOPICS["FEATURES_TOPIC"]}))
-        report["catalog_write"] = asyncio.run(write_catalog(n, model_id, bootstrap, mongo.uri))
-        print(f"catalog written: {report['catalog_write']}", flush=True)
+        if not args.families_only:
+            t = time.monotonic()
+            model_dir = str(build_random_clip(CACHE / "models" / OPENAI, size=OPENAI))
+            settings = Settings(clip_model=model_dir, model_cache_dir=str(CACHE), _env_file=None)
+            from consumer.tools.onnx_export import export_in_subprocess
 
-        # 1. ROLE=search: text tower only, int8 features followed from the compacted topic. The first
-        #    start reads the whole topic and writes an index snapshot at shutdown; the restart loads it.
-        search_env = service_env(
-            bootstrap,
-            model_dir,
-            "search",
-            ROLE="search",
-            FEATURE_DTYPE="int8",
-            MAX_BATCH_SIZE="32",
-            MAX_BATCH_WAIT_MS="5",
-            INDEX_SNAPSHOT_DIR=snapshot_dir,
-        )
-        svc = ServiceProcess(search_env, logs / "search.log")
-        try:
-            cold_ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
-            indexed = metric(svc.port, "clip_search_index_products")
-            svc.rss.mark("ready")
-            first = loadgen(bootstrap, "search", "single")
-            svc.rss.mark("closed")
-            closed = loadgen(bootstrap, "search", "closed", concurrency=64, duration=phase)
-            svc.rss.mark("open")
-            opened = loadgen(bootstrap, "search", "open", rate=20, duration=phase)
-            svc.rss.mark("stopping")
-        finally:
-            svc.stop()
-        restart = ServiceProcess(search_env | {"METRICS_PORT": str(free_port())}, logs / "search-restart.log")
-        try:
-            ready = wait_http(f"http://127.0.0.1:{restart.port}/readyz", 300, restart.proc)
-            restart_indexed = metric(restart.port, "clip_search_index_products")
-            restart_first = loadgen(bootstrap, "search", "single")
-        finally:
-            restart.stop()
-        report["search"] = {
-            "start_to_consuming_s": round(ready, 2),
-            "cold_start_to_consuming_s": round(cold_ready, 2),
-            "indexed_products": indexed,
-            "indexed_after_restart": restart_indexed,
-            "first_search_ms": first["p50_ms"],
-            "first_search_after_restart_ms": restart_first["p50_ms"],
-            "closed_loop": closed,
-            "open_loop_20rps": opened,
-            "peak": svc.rss.peak(),
-            "peak_under_load": svc.rss.peak(since="closed", until="stopping"),
-            "peak_restart": restart.rss.peak(),
-        }
-        print(f"search role: {json.dumps(report['search'])}", flush=True)
+            onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
+            report["prepare_model_s"] = round(time.monotonic() - t, 1)
+            print(f"model ready ({report['prepare_model_s']} s); catalog of {n} products ...", flush=True)
+            asyncio.run(create_bench_topics(bootstrap, "bench", SCENARIOS))
+            report["catalog_write"] = asyncio.run(write_catalog(n, model_dir + "#onnx-int8", bootstrap, mongo.uri))
+            print(f"catalog written: {report['catalog_write']}", flush=True)
+            run = Run(bootstrap, mongo.uri, model_dir, logs, phase, images, n)
+            timelines: dict[str, dict] = {}
+            for key, scenario in (
+                ("search", lambda: search_scenario(run, snapshot_dir, restart=True)),
+                ("ingest", lambda: ingest_scenario(run, n)),
+                ("all", lambda: all_scenario(run, n + 10 * images)),
+                ("seed_baseline", lambda: seed_scenario(run)),
+            ):
+                report[key], tl = scenario()
+                timelines |= tl
+                print(f"{key}: {json.dumps(report[key])}", flush=True)
+            report["timelines"] = timelines
+        if with_families:
+            report["family_settings"] = {"products": fam_products, "phase_s": fam_phase, "image_updates": images}
+            report["families"] = {}
+            for name in family_names():
+                report["families"][name] = family_run(name, bootstrap, mongo.uri, logs, fam_products, fam_phase, images)
 
-        # 2. ROLE=all: store-filled int8 cache, searches at 20/s during a burst of image updates.
-        svc = ServiceProcess(
-            service_env(
-                bootstrap,
-                model_dir,
-                "all",
-                ROLE="all",
-                FEATURE_DTYPE="int8",
-                MAX_BATCH_SIZE="32",
-                MAX_BATCH_WAIT_MS="5",
-                MONGODB_URI=mongo.uri,
-                MONGODB_DATABASE="bench",
-            ),
-            logs / "all.log",
-        )
-        try:
-            ready = wait_http(f"http://127.0.0.1:{svc.port}/readyz", 300, svc.proc)
-            svc.rss.mark("ready")
-            updates = image_updates(images, n)
-            done = threading.Event()
-            result: dict = {}
+    if not args.families_only:
+        report["fidelity"] = fidelity(model_dir, Path(onnx_dir), 2000 if args.quick else 5000)
+    report["total_s"] = round(time.monotonic() - began, 1)
+    return finish(report, out)
 
-            def burst() -> None:
-                from producer_examples.client import publish
 
-                started = time.monotonic()
-                asyncio.run(publish(bootstrap, TOPICS["PRODUCT_UPDATES_TOPIC"], updates, key_field="product_id"))
-                while metric(svc.port, "clip_search_product_updates_total", '{outcome="applied"}') < images:
-                    time.sleep(0.05)
-                result["burst_s"] = time.monotonic() - started
-                done.set()
-
-            thread = threading.Thread(target=burst)
-            thread.start()
-            opened_all = loadgen(bootstrap, "all", "open", rate=20, duration=phase)
-            thread.join(600)
-        finally:
-            svc.stop()
-        report["all"] = {
-            "start_to_consuming_s": round(ready, 2),
-            "open_loop_20rps_during_burst": opened_all,
-            "image_updates_per_s": round(images / result["burst_s"], 1) if done.is_set() else None,
-            "peak": svc.rss.peak(),
-        }
-        print(f"all role: {json.dumps(report['all'])}", flush=True)
-
-        # 3. Seed-style baseline through the same broker.
-        svc = ServiceProcess(
-            service_env(bootstrap, model_dir, "seed", BENCH_PRODUCTS=str(n)), logs / "seed.log", module="benchmarks.seed_baseline"
-        )
-        try:
-            t0 = time.monotonic()
-            while "consuming" not in (logs / "seed.log").read_text():
-                if svc.proc.poll() is not None or time.monotonic() - t0 > 300:
-                    raise RuntimeError("seed baseline did not start")
-                time.sleep(0.05)
-            seed_ready = time.monotonic() - svc.started
-            seed_first = loadgen(bootstrap, "seed", "single")
-            svc.rss.mark("closed")
-            seed_closed = loadgen(bootstrap, "seed", "closed", concurrency=8, duration=phase)
-            seed_open = loadgen(bootstrap, "seed", "open", rate=20, duration=phase)
-        finally:
-            svc.stop()
-        report["seed_baseline"] = {
-            "start_to_consuming_s": round(seed_ready, 2),
-            "first_search_ms": seed_first["p50_ms"],
-            "closed_loop": seed_closed,
-            "open_loop_20rps": seed_open,
-            "peak": svc.rss.peak(),
-        }
-        print(f"seed baseline: {json.dumps(report['seed_baseline'])}", flush=True)
-
-    report["fidelity"] = fidelity(model_dir, Path(onnx_dir), 2000 if args.quick else 5000)
+def finish(report: dict, out: Path) -> int:
+    """Tables into the report, the report to ``out``, the plots next to it; print them."""
     report["table"] = table(report)
+    report["family_table"] = family_table(report)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report["table"])
-    print(f"\nreport: {out}")
+    plots = write_plots(report, out)
+    print("\n" + format_table(report["table"]))
+    if report["family_table"]:
+        fs = report["family_settings"]
+        print(f"\nper family ({fs['products']} products, {fs['phase_s']:.0f} s phases, {fs['image_updates']} image updates):")
+        print(format_family_table(report["family_table"]))
+    print(f"\nreport: {out} ({report.get('total_s')} s)")
+    for path in plots:
+        print(f"plot: {path}")
     return 0
-
-
-def table(r: dict) -> list[dict]:
-    s, a, b, f = r["search"], r["all"], r["seed_baseline"], r["fidelity"]
-    thr, bthr = s["closed_loop"]["throughput_per_s"], b["closed_loop"]["throughput_per_s"]
-    rows = [
-        ("peak RSS, ROLE=search, cached, under load (MB)", s["peak"]["rss_mb"], "<= 350", b["peak"]["rss_mb"], lambda v: v <= 350),
-        ("peak RSS, ROLE=all, searches + image burst (MB)", a["peak"]["rss_mb"], "<= 512", b["peak"]["rss_mb"], lambda v: v <= 512),
-        ("sustained searches/s, MAX_BATCH_SIZE=32", thr, ">= 150 and >= 10x seed", bthr, lambda v: v >= 150 and v >= 10 * bthr),
-        ("latency p50 at 20 req/s (ms)", s["open_loop_20rps"]["p50_ms"], "<= 50", b["open_loop_20rps"]["p50_ms"], lambda v: v <= 50),
-        ("latency p99 at 20 req/s (ms)", s["open_loop_20rps"]["p99_ms"], "<= 200", b["open_loop_20rps"]["p99_ms"], lambda v: v <= 200),
-        ("process start -> consuming, from a snapshot (s)", s["start_to_consuming_s"], "<= 2", b["start_to_consuming_s"], lambda v: v <= 2),
-        (
-            "  same, first replica, no snapshot anywhere (s)",
-            s["cold_start_to_consuming_s"],
-            "<= 2",
-            b["start_to_consuming_s"],
-            lambda v: v <= 2,
-        ),
-        (
-            "first search incl. model load (ms)",
-            max(s["first_search_ms"], s["first_search_after_restart_ms"]),
-            "<= 3000",
-            b["first_search_ms"],
-            lambda v: v <= 3000,
-        ),
-        ("product updates with a 224 px image (/s)", a["image_updates_per_s"], ">= 10", None, lambda v: v is not None and v >= 10),
-        ("query embedding mean cosine, int8 vs fp32", round(f["query_mean_cosine_int8_vs_fp32"], 4), ">= 0.99", None, lambda v: v >= 0.99),
-        ("recall@10, int8 queries vs fp32", round(f["query_recall_at_10_int8_vs_fp32"], 3), ">= 0.95", None, lambda v: v >= 0.95),
-        ("recall@10, int8 feature matrix vs fp32", round(f["feature_recall_at_10"]["int8"], 3), ">= 0.95", None, lambda v: v >= 0.95),
-    ]
-    out = []
-    for name, value, target, baseline, ok in rows:
-        ratio = None
-        if value and baseline:
-            ratio = round(value / baseline, 2)
-        out.append(
-            {
-                "figure": name,
-                "measured": value,
-                "target": target,
-                "seed_baseline": baseline,
-                "ratio": ratio,
-                "met": bool(value is not None and ok(value)),
-            }
-        )
-    return out
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'figure':<52} {'measured':>10} {'target':>24} {'seed':>10} {'ratio':>7}  met")
-
-    def fmt(v: object) -> str:
-        return "-" if v is None else str(v)
-
-    for row in rows:
-        print(
-            f"{row['figure']:<52} {fmt(row['measured']):>10} {row['target']:>24} {fmt(row['seed_baseline']):>10} {fmt(row['ratio']):>7}  {'yes' if row['met'] else 'NO'}"
-        )
 
 
 if __name__ == "__main__":
