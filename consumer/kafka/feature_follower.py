@@ -24,7 +24,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
-from pydantic import ValidationError
 
 from consumer.config.settings import Settings
 from consumer.domain.errors import StartupError
@@ -34,8 +33,7 @@ from consumer.kafka.clients import make_consumer, start_kafka_client
 from consumer.ops.memory import release_memory
 from consumer.ops.metrics import ServiceMetrics
 from consumer.ops.supervisor import Policy, Supervisor
-from consumer.pipeline.features import apply_feature_events
-from schemas import ProductFeature
+from consumer.pipeline.features import apply_feature_events, parse_feature_records
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +171,7 @@ class FeatureFollower:
         """
         deadline = time.monotonic() + timeout
         checked_snapshot = not self.snapshot_loaded
+        reserved = False
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"features topic catch-up did not finish in {timeout:.0f} s")
@@ -192,6 +191,9 @@ class FeatureFollower:
                     await self._discard_snapshot(f"the topic ends before the snapshot's offsets (offset, end): {behind}")
                     continue
             remaining = sum(max(0, mark - self._next[tp]) for tp, mark in marks.items())
+            if not reserved:
+                reserved = True
+                self.index.reserve(len(self.index) + remaining)
             if nearly_done is not None and remaining <= nearly:
                 await nearly_done()
                 nearly_done = None
@@ -204,14 +206,11 @@ class FeatureFollower:
         batches = await self._kafka.getmany(timeout_ms=timeout_ms, max_records=4096)
         if not batches:
             return
-        events = []
-        for records in batches.values():
-            for record in records:
-                try:
-                    events.append(ProductFeature.model_validate_json(record.value or b""))
-                except ValidationError:
-                    self.invalid += 1
-                    log.warning("skipping invalid features record at %s:%d", record.partition, record.offset)
+        fetched = [record for records in batches.values() for record in records]
+        events, unparsable = parse_feature_records([record.value for record in fetched])
+        for i in unparsable:
+            self.invalid += 1
+            log.warning("skipping invalid features record at %s:%d", fetched[i].partition, fetched[i].offset)
         async with self.lock:
             report = apply_feature_events(self.index, events, self.model_id)
             for tp, records in batches.items():
