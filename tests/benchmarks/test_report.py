@@ -195,3 +195,10 @@ def test_tree_peak_counts_new_children_only() -> None:
         child.wait(30)
     assert tree.result()["anon_mb"] >= 150
     assert tree.result()["rss_mb"] >= tree.result()["anon_mb"]
+
+
+def test_families_only_report_has_family_rows_only(report: dict) -> None:
+    families_only = {"families": report["families"]}
+    figures = [row["figure"] for row in table(families_only)]
+    assert figures == [row["figure"] for row in table(report) if "OpenAI" in row["figure"] or "TinyCLIP" in row["figure"]]
+    assert len(figures) == 5
