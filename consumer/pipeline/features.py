@@ -33,11 +33,11 @@ def parse_feature_records(values: Sequence[bytes | None]) -> tuple[list[ProductF
         return [], []
     if all(v and v.lstrip().startswith(b"{") and v.rstrip().endswith(b"}") for v in values):
         try:
-            events = _RECORDS.validate_json(b"[" + b",".join(v for v in values if v) + b"]")
+            bulk = _RECORDS.validate_json(b"[" + b",".join(v for v in values if v) + b"]")
         except ValidationError:
-            events = []
-        if len(events) == len(values):
-            return events, []
+            bulk = []
+        if len(bulk) == len(values):
+            return bulk, []
     events: list[ProductFeature] = []
     invalid: list[int] = []
     for i, value in enumerate(values):
