@@ -227,7 +227,7 @@ def _export_text(model_dir: str, path: Path, probe: Probe) -> dict[str, Any]:
         "projection_dim": int(model.config.projection_dim),
         "max_length": int(cfg.max_position_embeddings),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "reference": run_torch(tower, probe),
+        **_timed_reference(tower, probe),
     }
 
 
@@ -254,7 +254,7 @@ def _export_vision(model_dir: str, path: Path, probe: Callable[[int], Probe]) ->
         "projection_dim": int(model.config.projection_dim),
         "image_size": size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "reference": run_torch(tower, images),
+        **_timed_reference(tower, images),
         "probe": images,
     }
 
@@ -273,6 +273,12 @@ def _quantize_int8(src: Path, dst: Path, options: dict[str, Any], exclude: Seque
     )
 
 
+def _timed_reference(tower: Any, probe: Probe) -> dict[str, Any]:
+    started = time.perf_counter()
+    reference = run_torch(tower, probe)
+    return {"reference": reference, "reference_seconds": time.perf_counter() - started}
+
+
 def _settle_tower(name: str, fp32: Path, target: Path, want: Quantize, reference: Any, probe: Probe, min_cosine: float) -> dict[str, Any]:
     """Write ``name``'s final graph to ``target`` (from the fp32 graph ``fp32``, consumed) and return its fidelity entry.
 
@@ -282,8 +288,9 @@ def _settle_tower(name: str, fp32: Path, target: Path, want: Quantize, reference
     attempts: list[dict[str, Any]] = []
 
     def check(used: str) -> Fidelity:
+        started = time.perf_counter()
         fid = compare(reference, run_onnx(target, probe), probe.queries)
-        attempts.append({"quantization": used, **fid.to_dict()})
+        attempts.append({"quantization": used, **fid.to_dict(), "seconds": round(time.perf_counter() - started, 2)})
         return fid
 
     fallback: dict[str, Any] | None = None
@@ -430,11 +437,10 @@ def export_onnx(
             else:
                 meta = _export_vision(model_dir, fp32, lambda size: vision_probe(model_dir, size))
                 probe = meta["probe"]
-            checked = time.perf_counter()
             fidelity[name] = _settle_tower(name, fp32, target, requested[name], meta["reference"], probe, min_cosine)
-            fidelity[name]["seconds"] = round(time.perf_counter() - checked, 2)
+            fidelity[name]["reference_seconds"] = round(meta["reference_seconds"], 2)
             _save_ort_format(target, staging / ORT_FILES[name])
-            info.update({k: v for k, v in meta.items() if k not in ("parameters", "reference", "probe")})
+            info.update({k: v for k, v in meta.items() if k not in ("parameters", "reference", "reference_seconds", "probe")})
             exported[name] = {
                 "file": TOWER_FILES[name],
                 "bytes": target.stat().st_size,
