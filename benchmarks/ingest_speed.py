@@ -1,0 +1,270 @@
+"""Image ingest rate and first-replica cold start, of this checkout and optionally a baseline checkout, in one run.
+
+    .venv/bin/python -m benchmarks.ingest_speed [--images 200] [--products 100000] [--baseline /tmp/base]
+
+Builds (or reuses) the ViT-B/32-shaped random CLIP in .cache/models/vit-b-32 and its int8 ONNX export,
+starts a Tansu broker and a SecantusDB store, then for each checkout runs ``python -m consumer`` as a
+process (cwd = that checkout, so its ``consumer`` package is the one imported):
+
+- ``ingest_rate(role=ingest|all)``: publishes ``--images`` product updates with a 224 px JPEG each to a
+  fresh topic and reports images/s from the first publish to the last update counted ``applied``;
+- ``cold_start``: ``ROLE=search`` with no snapshot anywhere and no store, over a compacted features
+  topic of ``--products`` records: seconds from process start to ``/readyz`` answering 200.
+
+Random weights: the rates are real, the rankings meaningless. Prints one JSON line per measurement and
+writes benchmarks/reports/ingest_speed.json. Runs alternate between checkouts so load from other
+processes on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.catalog import features, fields
+from devservices import MongoServer, TansuBroker, create_topics, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+REPORTS = REPO / "benchmarks" / "reports"
+
+
+def prepare_model() -> tuple[str, str]:
+    """(model dir, model id) of the int8 ViT-B/32-shaped random CLIP, exported into .cache/ if not yet."""
+    from consumer.app import onnx_dir_for
+    from consumer.config.settings import Settings
+    from consumer.tools.model_builder import build_random_clip
+    from consumer.tools.onnx_export import export_in_subprocess
+
+    model_dir = str(build_random_clip(CACHE / "models" / "vit-b-32", size="vit-b-32"))
+    settings = Settings(clip_model=model_dir, model_cache_dir=str(CACHE), _env_file=None)
+    export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
+    return model_dir, model_dir + "#onnx-int8"
+
+
+def jpeg_updates(count: int, prefix: str) -> list[dict]:
+    """``count`` product updates, each with a distinct random 224 px JPEG (quality 85, about 30 kB)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+        out.append(fields(i) | {"product_id": f"{prefix}-{i}", "image_b64": base64.b64encode(buf.getvalue()).decode()})
+    return out
+
+
+class Service:
+    """``python -m consumer`` run from ``repo`` with ``env``; output to ``log``."""
+
+    def __init__(self, repo: Path, env: dict[str, str], log: Path) -> None:
+        self.port = int(env["METRICS_PORT"])
+        self.log = open(log, "w")  # noqa: SIM115 - the service writes to it until stop() closes it
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer"], cwd=repo, env=os.environ | env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def ready_after(self, timeout: float = 300) -> float:
+        """Seconds from process start until /readyz answers 200 (polled every 10 ms)."""
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:  # nosec B310 - loopback
+                    if resp.status == 200:
+                        return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise TimeoutError("service not ready")
+
+    def applied(self) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:  # nosec B310 - loopback
+            for line in resp.read().decode().splitlines():
+                if line.startswith('clip_search_product_updates_total{outcome="applied"} '):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the service process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def base_env(bootstrap: str, model_dir: str, name: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CLIP_MODEL": model_dir,
+        "MODEL_CACHE_DIR": str(CACHE),
+        "PRODUCT_UPDATES_TOPIC": f"{name}-updates",
+        "SEARCH_REQUESTS_TOPIC": f"{name}-requests",
+        "REPLY_TOPIC": f"{name}-replies",
+        "DEAD_LETTER_TOPIC": f"{name}-dead-letters",
+        "CONSUMER_GROUP_ID": f"{name}-search",
+        "INGEST_GROUP_ID": f"{name}-ingest",
+        "KAFKA_SESSION_TIMEOUT_MS": "1500",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(free_port()),
+        "TORCH_NUM_THREADS": "2",
+        "MALLOC_ARENA_MAX": "2",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, images: int, role: str, logs: Path) -> dict:
+    """Images/s of ``ROLE=role`` (``ingest`` or ``all``) for a burst of ``images`` image updates, store included."""
+    from producer_examples.client import publish
+
+    name = f"ingest-{uuid.uuid4().hex[:8]}"
+    env = base_env(bootstrap, model_dir, name) | {
+        "ROLE": role,
+        "FEATURES_TOPIC": f"{name}-features",
+        "MONGODB_URI": mongo_uri,
+        "MONGODB_DATABASE": name.replace("-", "_"),
+        "FEATURE_DTYPE": "int8",
+        "LAZY_LOAD_MODEL": "false",
+    }
+    topics = [env[k] for k in ("PRODUCT_UPDATES_TOPIC", "SEARCH_REQUESTS_TOPIC", "REPLY_TOPIC", "DEAD_LETTER_TOPIC")]
+    asyncio.run(create_topics(bootstrap, topics))
+    asyncio.run(create_topics(bootstrap, [env["FEATURES_TOPIC"]], compacted={env["FEATURES_TOPIC"]}))
+    updates = jpeg_updates(images, name)
+    svc = Service(repo, env, logs / f"{name}-{role}.log")
+    try:
+        ready = svc.ready_after()
+        cpu = svc.cpu_s()
+        started = time.monotonic()
+        asyncio.run(publish(bootstrap, env["PRODUCT_UPDATES_TOPIC"], updates, key_field="product_id"))
+        while svc.applied() < images:
+            if svc.proc.poll() is not None or time.monotonic() - started > 900:
+                raise RuntimeError(f"burst did not finish; see {svc.log.name}")
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        cpu = svc.cpu_s() - cpu
+    finally:
+        svc.stop()
+    return {
+        "role": role,
+        "images": images,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 1),
+        "service_cpu_ms_per_image": round(cpu / images * 1000, 1),
+        "load_average_1m": os.getloadavg()[0],
+        "ready_s": round(ready, 2),
+    }
+
+
+async def write_features(bootstrap: str, topic: str, model_id: str, n: int) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from consumer.domain.codecs import encode_feature
+    from schemas import ProductFeature
+
+    feats = features(n)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        pending = []
+        for i in range(n):
+            f = fields(i)
+            dim, feature_b64 = encode_feature(feats[i])
+            event = ProductFeature(model_id=model_id, dim=dim, feature_b64=feature_b64, **f)
+            pending.append(await producer.send(topic, event.model_dump_json().encode(), key=f["product_id"].encode()))
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+def cold_start(repo: Path, bootstrap: str, model_dir: str, features_topic: str, logs: Path, **extra: str) -> dict:
+    """Seconds from process start to ready for a ``ROLE=search`` replica with no snapshot and no store."""
+    name = f"cold-{uuid.uuid4().hex[:8]}"
+    env = base_env(bootstrap, model_dir, name) | {"ROLE": "search", "FEATURES_TOPIC": features_topic, "FEATURE_DTYPE": "int8"} | extra
+    asyncio.run(create_topics(bootstrap, [env[k] for k in ("SEARCH_REQUESTS_TOPIC", "REPLY_TOPIC", "DEAD_LETTER_TOPIC")]))
+    svc = Service(repo, env, logs / f"{name}.log")
+    try:
+        ready = svc.ready_after()
+        cpu = svc.cpu_s()
+    finally:
+        svc.stop()
+    return {"start_to_consuming_s": round(ready, 2), "service_cpu_s": round(cpu, 2), "load_average_1m": os.getloadavg()[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--products", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per checkout and measurement, alternating checkouts")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`) measured alike")
+    parser.add_argument("--roles", default="ingest,all")
+    parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPORTS / "ingest_speed.json")
+    args = parser.parse_args()
+    checkouts = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    logs = args.out.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    model_dir, model_id = prepare_model()
+    report: dict = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "checkouts": {k: str(v) for k, v in checkouts.items()},
+        "commits": {
+            k: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=v, capture_output=True, text=True).stdout.strip()
+            for k, v in checkouts.items()
+        },
+        "runs": [],
+    }
+    with MongoServer(storage_path=str(logs / f"store-{uuid.uuid4().hex[:6]}")) as mongo, TansuBroker() as broker:
+        if not args.skip_cold_start:
+            topic = f"cold-features-{uuid.uuid4().hex[:6]}"
+            asyncio.run(create_topics(broker.bootstrap, [topic], compacted={topic}))
+            asyncio.run(write_features(broker.bootstrap, topic, model_id, args.products))
+        for _ in range(args.repeats):
+            for label, repo in checkouts.items():
+                for role in [r for r in args.roles.split(",") if r]:
+                    row = {"checkout": label, "measure": "ingest"} | ingest_rate(
+                        repo, broker.bootstrap, mongo.uri, model_dir, args.images, role, logs
+                    )
+                    print(json.dumps(row), flush=True)
+                    report["runs"].append(row)
+                if not args.skip_cold_start:
+                    row = {"checkout": label, "measure": "cold_start", "products": args.products} | cold_start(
+                        repo, broker.bootstrap, model_dir, topic, logs
+                    )
+                    print(json.dumps(row), flush=True)
+                    report["runs"].append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
