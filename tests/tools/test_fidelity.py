@@ -211,3 +211,21 @@ def test_quantization_is_chosen_per_tower(tiny_model: str, tmp_path: Path) -> No
     assert is_current(tiny_model, out, quantize={"text": "none", "vision": "int8"})
     assert not is_current(tiny_model, out, quantize="int8")
     assert not is_current(tiny_model, out, quantize={"text": "none", "vision": "int8"}, min_cosine=0.999)
+
+
+@pytest.mark.slow
+def test_export_min_cosine_setting_reaches_the_export_and_the_model_id(tiny_model: str, tmp_path: Path) -> None:
+    """A threshold int8 cannot meet: the vision tower serves fp32, and stored features say so (no ``#onnx-int8``)."""
+    settings = Settings(
+        clip_model=tiny_model, onnx_quantize_text="none", export_min_cosine=0.99999, model_cache_dir=str(tmp_path), _env_file=None
+    )
+    encoder = build_encoder(settings)
+    manifest = read_manifest(onnx_dir_for(settings))
+    vision = manifest["fidelity"]["vision"]
+    assert manifest["towers"]["vision"]["requested"] == "int8"
+    assert vision["quantization"] == manifest["towers"]["vision"]["quantization"] == "none"
+    assert vision["threshold"] == 0.99999
+    assert vision["fallback"]["from"] == "int8" and vision["fallback"]["to"] == "none" and vision["fallback"]["min_cosine"] < 0.99999
+    assert vision["min_cosine"] >= 0.9999
+    assert encoder.model_id == tiny_model
+    assert is_current(tiny_model, onnx_dir_for(settings), quantize=settings.tower_quantization, min_cosine=0.99999)
