@@ -125,11 +125,11 @@ class ProductHandler:
             out[i] = vec
         encoded_images = 0
         if images:
-            limits = self.image_limits
+            limits, preprocess = self.image_limits, self.encoder.preprocess
             decoded = await encode_images(
                 self.encoder,
                 images,
-                lambda data: pixels_from_base64(data, limits),
+                lambda data: pixels_from_base64(data, limits, preprocess),
                 self._decode_executor(),
                 self.image_chunk,
             )
