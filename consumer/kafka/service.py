@@ -318,6 +318,7 @@ class Service:
     async def _run_lane(self, lane: _Lane) -> None:
         try:
             while not self._stopping.is_set():
+                await self._update_lag()
                 records = await self._next_batch(lane)
                 if not records:
                     self._unload_idle_vision()
@@ -332,6 +333,14 @@ class Service:
                     await asyncio.to_thread(release_memory)
         finally:
             lane.idle.set()
+
+    async def _update_lag(self) -> None:
+        """At most once a second, between batches (no lane waits on it with records in hand) and never while a
+        rebalance waits (``position`` would block until the new assignment)."""
+        if self._revoking.is_set() or time.monotonic() - self._lag_updated < 1.0:
+            return
+        self._lag_updated = time.monotonic()
+        await self.metrics.update_lag(self.consumer)
 
     def _hold(self, lane: _Lane, records: list[ConsumerRecord]) -> None:
         """Pause the lane's partitions and drop their prefetched records (read on from after ``records``)."""
@@ -371,9 +380,6 @@ class Service:
                 busy_threshold=self.settings.batch_wait_min_records,
             )
             self.metrics.fetches.inc()
-            if time.monotonic() - self._lag_updated >= 1.0:
-                self._lag_updated = time.monotonic()
-                await self.metrics.update_lag(self.consumer)
         except BaseException:
             lane.idle.set()
             raise
@@ -486,11 +492,15 @@ class Service:
         so a rebalance waits until they are answered and committed rather than re-delivering them to another owner.
         A lane none of whose partitions is assigned waits for an assignment (at most ``timeout_s``).
 
-        While a rebalance waits or a stop is requested, nothing more is fetched (aiokafka's getmany would
-        block until the new assignment, or hang while the broker is gone): the fetch in progress is
-        abandoned and ``collect_batch`` returns the batch in hand.
+        While a rebalance waits (a lane with nothing in hand then waits up to 50 ms per call rather than
+        spinning the event loop while the other lane finishes its batch) or a stop is requested, nothing more
+        is fetched (aiokafka's getmany would block until the new assignment, or hang while the broker is
+        gone): the fetch in progress is abandoned and ``collect_batch`` returns the batch in hand.
         """
         if self._stopping.is_set() or self._revoking.is_set():
+            if self._revoking.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), min(timeout_s, 0.05))
             return []
         consumer = self._group_consumer
         partitions = lane.partitions(consumer.assignment())
