@@ -498,6 +498,7 @@ def main() -> int:
     fam.add_argument("--families", action="store_true", help="compare the model families (default for the full run)")
     fam.add_argument("--skip-families", action="store_true", help="no per-family rows (default for --quick)")
     fam.add_argument("--families-only", action="store_true", help="only the per-family rows")
+    parser.add_argument("--family", action="append", help="only this family (repeatable); default: every one in FAMILIES")
     parser.add_argument("--replot", action="store_true", help="tables and plots again from the existing report; nothing is run")
     args = parser.parse_args()
     n = args.products or (10_000 if args.quick else 100_000)
@@ -554,8 +555,12 @@ def main() -> int:
         if with_families:
             report["family_settings"] = {"products": fam_products, "phase_s": fam_phase, "image_updates": images}
             report["families"] = {}
-            for name in family_names():
-                report["families"][name] = family_run(name, bootstrap, mongo.uri, logs, fam_products, fam_phase, images)
+            for name in args.family or family_names():
+                try:
+                    report["families"][name] = family_run(name, bootstrap, mongo.uri, logs, fam_products, fam_phase, images)
+                except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+                    print(f"[{name}] FAILED: {exc!r}; see {logs}/fam-{name}-*.log", flush=True)
+                    report["families"][name] = {"error": repr(exc)}
 
     if not args.families_only:
         report["fidelity"] = fidelity(model_dir, Path(onnx_dir), 2000 if args.quick else 5000)
