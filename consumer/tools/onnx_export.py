@@ -544,19 +544,40 @@ def export_in_subprocess(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; prints the output directory, tower file sizes and the time taken."""
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments; quantization and threshold default to the service's own variables, so a one-shot
+    export given the replicas' environment writes the export they find current."""
     parser = argparse.ArgumentParser(prog="python -m consumer.tools.onnx_export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local model directory or hub id")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--towers", default=",".join(TOWERS), help="comma-separated subset of text,vision")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="int8", help="default of --quantize-text and --quantize-vision")
-    for name in TOWERS:
-        parser.add_argument(f"--quantize-{name}", choices=QUANTIZATIONS, default=None, help=f"the {name} tower's quantization")
+    env = os.environ
     parser.add_argument(
-        "--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help="an int8 tower below this minimum cosine to the source falls back"
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=env.get("ONNX_QUANTIZE") or "int8",
+        help="default of --quantize-text and --quantize-vision (default: $ONNX_QUANTIZE, else int8)",
+    )
+    for name in TOWERS:
+        parser.add_argument(
+            f"--quantize-{name}",
+            choices=QUANTIZATIONS,
+            default=env.get(f"ONNX_QUANTIZE_{name.upper()}") or None,
+            help=f"the {name} tower's quantization (default: $ONNX_QUANTIZE_{name.upper()}, else --quantize)",
+        )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=float(env.get("EXPORT_MIN_COSINE") or DEFAULT_MIN_COSINE),
+        help="an int8 tower below this minimum cosine to the source falls back (default: $EXPORT_MIN_COSINE, else 0.99)",
     )
     parser.add_argument("--force", action="store_true", help="export even if the manifest matches")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints the output directory, tower file sizes and the time taken."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

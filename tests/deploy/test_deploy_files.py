@@ -162,6 +162,8 @@ def test_every_replica_waits_for_the_one_shot_model_export_outside_the_memory_li
         svc = services[name]
         assert svc["depends_on"]["model-export"]["condition"] == "service_completed_successfully", name
         assert env_of(svc)["ONNX_DIR"] == export["command"][export["command"].index("--out") + 1], name
+    assert env_of(export) == env_of(compose["x-service"]), "the export sees the replicas' environment (ONNX_QUANTIZE*, EXPORT_MIN_COSINE)"
+    assert "--quantize" not in export["command"], "the quantization comes from the shared environment"
 
 
 def test_topic_init_creates_the_default_topics_and_compacts_features(compose):

@@ -20,7 +20,7 @@ from consumer.encoder.encoder import Encoder
 from consumer.encoder.manifest import read_manifest
 from consumer.encoder.onnx_backend import OnnxBackend
 from consumer.ops.metrics import ServiceMetrics
-from consumer.tools import fidelity
+from consumer.tools import fidelity, onnx_export
 from consumer.tools.onnx_export import export_onnx, is_current
 
 TOWERS = ("text", "vision")
@@ -229,3 +229,14 @@ def test_export_min_cosine_setting_reaches_the_export_and_the_model_id(tiny_mode
     assert vision["min_cosine"] >= 0.9999
     assert encoder.model_id == tiny_model
     assert is_current(tiny_model, onnx_dir_for(settings), quantize=settings.tower_quantization, min_cosine=0.99999)
+
+
+def test_export_cli_defaults_to_the_service_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNX_QUANTIZE", "none")
+    monkeypatch.setenv("ONNX_QUANTIZE_VISION", "int8")
+    monkeypatch.setenv("EXPORT_MIN_COSINE", "0.995")
+    monkeypatch.delenv("ONNX_QUANTIZE_TEXT", raising=False)
+    args = onnx_export.build_parser().parse_args(["--model", "m", "--out", "o"])
+    assert (args.quantize, args.quantize_text, args.quantize_vision, args.min_cosine) == ("none", None, "int8", 0.995)
+    explicit = onnx_export.build_parser().parse_args(["--model", "m", "--out", "o", "--quantize-vision", "none", "--min-cosine", "0.9"])
+    assert (explicit.quantize_vision, explicit.min_cosine) == ("none", 0.9)
