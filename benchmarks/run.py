@@ -489,6 +489,34 @@ def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: 
     return out
 
 
+def first_start_without_export(model_dir: str, memory_limit_mb: int = 450) -> dict:
+    """Issue 13's first start: ``python -m consumer`` on a model with no ONNX export yet and
+    ``MEMORY_LIMIT_MB`` below the export's need; the process tree's peak and how it ended."""
+    with tempfile.TemporaryDirectory(prefix="bench-first-start-") as tmp:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "CLIP_MODEL": model_dir,
+            "ONNX_DIR": str(Path(tmp) / "export"),
+            "MEMORY_LIMIT_MB": str(memory_limit_mb),
+            "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+            "METRICS_PORT": str(free_port()),
+        }
+        with TreePeak() as peak:
+            proc = subprocess.run(
+                [sys.executable, "-m", "consumer"], cwd=tmp, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+            )
+        lines = proc.stderr.strip().splitlines()
+        return {
+            "memory_limit_mb": memory_limit_mb,
+            "exit_code": proc.returncode,
+            "last_line": lines[-1] if lines else "",
+            "export_written": (Path(tmp) / "export" / "export.json").is_file(),
+            "peak": peak.result(),
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -536,6 +564,8 @@ def main() -> int:
 
             onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
             report["prepare_model_s"] = round(time.monotonic() - t, 1)
+            report["first_start_without_export"] = first_start_without_export(model_dir)
+            print(f"first start without an export: {json.dumps(report['first_start_without_export'])}", flush=True)
             print(f"model ready ({report['prepare_model_s']} s); catalog of {n} products ...", flush=True)
             asyncio.run(create_bench_topics(bootstrap, "bench", SCENARIOS))
             report["catalog_write"] = asyncio.run(write_catalog(n, model_dir + "#onnx-int8", bootstrap, mongo.uri))
