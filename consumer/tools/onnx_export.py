@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from consumer.encoder.extras import EXPORT_MODULES, missing_extra
+from consumer.encoder.images import PREPROCESSOR_FILE
 from consumer.encoder.manifest import MANIFEST_FILE, TOKENIZER_FILE, read_manifest, source_preprocess
 from consumer.tools.fidelity import Fidelity, Probe, compare, outlier_matmuls, run_onnx, run_torch, text_probe, vision_probe
 
@@ -81,17 +82,21 @@ class ExportError(RuntimeError):
 
 
 def _source_fingerprint(model: str) -> dict[str, Any]:
-    """Identify the source weights without loading them: a local directory's config hash and weight file stats."""
+    """Identify the source without loading it: a local directory's config hash, weight file stats and, when it
+    has one, the hash of the image recipe (``preprocessor_config.json``: the manifest's ``preprocess``)."""
     directory = Path(model)
     if not directory.is_dir():
         return {"hub_id": model}
     config = directory / "config.json"
     weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    return {
+    fingerprint: dict[str, Any] = {
         "path": str(directory.resolve()),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
         "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
     }
+    if (recipe := directory / PREPROCESSOR_FILE).is_file():
+        fingerprint["preprocessor_sha256"] = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    return fingerprint
 
 
 def _normalise_towers(towers: Sequence[str] | str) -> tuple[str, ...]:

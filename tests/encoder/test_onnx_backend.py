@@ -101,6 +101,23 @@ def test_manifest_mismatch_triggers_reexport(exports: dict[str, Path], tiny_mode
     assert set(read_manifest(out)["towers"]) == {"text"}
 
 
+def test_an_edited_image_recipe_makes_the_export_stale(exports: dict[str, Path], tiny_model: str, tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    shutil.copytree(tiny_model, source)
+    out = tmp_path / "export"
+    shutil.copytree(exports["int8"], out)
+    manifest = read_manifest(out)
+    manifest["source_fingerprint"]["path"] = str(source.resolve())
+    manifest["source_fingerprint"]["weights"] = [
+        [name, size, (source / name).stat().st_mtime_ns] for name, size, _ in manifest["source_fingerprint"]["weights"]
+    ]
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert is_current(str(source), out, ("text", "vision"), "int8")
+    recipe = source / "preprocessor_config.json"
+    recipe.write_text(recipe.read_text().replace("0.48145466", "0.5"))
+    assert not is_current(str(source), out, ("text", "vision"), "int8"), "a changed mean must re-export (the manifest's preprocess)"
+
+
 def test_tokenization_matches_transformers(exports: dict[str, Path], tiny_model: str) -> None:
     from transformers import CLIPTokenizerFast
 
