@@ -7,6 +7,8 @@ weights anyway); what matters for memory and speed is their count, width and dis
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 CATEGORIES = [f"category-{i:02d}" for i in range(20)]
@@ -37,3 +39,28 @@ def fields(i: int) -> dict:
         "category": CATEGORIES[i % len(CATEGORIES)],
         "price": float(5 + (i * 37) % 200),
     }
+
+
+async def publish_features(bootstrap: str, topic: str, model_id: str, n: int, dim: int = 512) -> None:
+    """Publish the catalog's first ``n`` products as features-topic records (acknowledged), keyed by product id."""
+    from aiokafka import AIOKafkaProducer
+
+    from consumer.domain.codecs import encode_feature
+    from schemas import ProductFeature
+
+    feats = features(n, dim=dim)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        pending = []
+        for i in range(n):
+            f = fields(i)
+            size, feature_b64 = encode_feature(feats[i])
+            event = ProductFeature(model_id=model_id, dim=size, feature_b64=feature_b64, **f)
+            pending.append(await producer.send(topic, event.model_dump_json().encode(), key=f["product_id"].encode()))
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.catalog import features, fields
+from benchmarks.catalog import fields, publish_features
 from devservices import MongoServer, TansuBroker, create_topics, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,27 +180,7 @@ def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, imag
 
 
 async def write_features(bootstrap: str, topic: str, model_id: str, n: int) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    from consumer.domain.codecs import encode_feature
-    from schemas import ProductFeature
-
-    feats = features(n)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
-    await producer.start()
-    try:
-        pending = []
-        for i in range(n):
-            f = fields(i)
-            dim, feature_b64 = encode_feature(feats[i])
-            event = ProductFeature(model_id=model_id, dim=dim, feature_b64=feature_b64, **f)
-            pending.append(await producer.send(topic, event.model_dump_json().encode(), key=f["product_id"].encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
+    await publish_features(bootstrap, topic, model_id, n)
 
 
 def cold_start(repo: Path, bootstrap: str, model_dir: str, features_topic: str, logs: Path, **extra: str) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.catalog import features, fields
+from benchmarks.catalog import features, fields, publish_features
 from benchmarks.plots import write_plots
 from benchmarks.report import OPENAI, family_figures, family_table, format_family_table, format_table, table
 from benchmarks.sampling import RssSampler, TreePeak
@@ -152,32 +152,15 @@ class ServiceProcess:
 
 async def write_catalog(n: int, model_id: str, bootstrap: str, mongo_uri: str | None, prefix: str = "bench", dim: int = 512) -> dict:
     """Features straight to ``prefix``'s compacted features topic and (optionally) the store database ``prefix``; seconds taken."""
-    from aiokafka import AIOKafkaProducer
     from pymongo import AsyncMongoClient
 
-    from consumer.domain.codecs import encode_feature
     from consumer.store.product_store import ProductStore
-    from schemas import ProductFeature
 
-    feats = features(n, dim=dim)
     topic = scenario_topics("search", prefix)["FEATURES_TOPIC"]
     timings = {}
     start = time.monotonic()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
-    await producer.start()
-    try:
-        pending = []
-        for i in range(n):
-            f = fields(i)
-            size, feature_b64 = encode_feature(feats[i])
-            event = ProductFeature(model_id=model_id, dim=size, feature_b64=feature_b64, **f)
-            pending.append(await producer.send(topic, event.model_dump_json().encode(), key=f["product_id"].encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
+    await publish_features(bootstrap, topic, model_id, n, dim)
+    feats = features(n, dim=dim)
     timings["features_topic_s"] = round(time.monotonic() - start, 1)
     if mongo_uri:
         start = time.monotonic()
