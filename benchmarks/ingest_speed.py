@@ -24,11 +24,9 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.catalog import fields, publish_features
+from benchmarks.run import ServiceProcess, metric, wait_http
 from devservices import MongoServer, TansuBroker, create_topics, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,51 +68,24 @@ def jpeg_updates(count: int, prefix: str) -> list[dict]:
     return out
 
 
-class Service:
-    """``python -m consumer`` run from ``repo`` with ``env``; output to ``log``."""
+class Service(ServiceProcess):
+    """``python -m consumer`` run from ``repo`` (this checkout or a baseline one) with ``env``; output to ``log``."""
 
     def __init__(self, repo: Path, env: dict[str, str], log: Path) -> None:
-        self.port = int(env["METRICS_PORT"])
-        self.log = open(log, "w")  # noqa: SIM115 - the service writes to it until stop() closes it
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer"], cwd=repo, env=os.environ | env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        super().__init__(env, log, cwd=repo)
 
     def ready_after(self, timeout: float = 300) -> float:
-        """Seconds from process start until /readyz answers 200 (polled every 10 ms)."""
-        while time.monotonic() - self.started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:  # nosec B310 - loopback
-                    if resp.status == 200:
-                        return time.monotonic() - self.started
-            except OSError:
-                pass
-            time.sleep(0.01)
-        raise TimeoutError("service not ready")
+        """Seconds from process start until /readyz answers 200."""
+        waited = time.monotonic() - self.started
+        return waited + wait_http(f"http://127.0.0.1:{self.port}/readyz", timeout, self.proc)
 
     def applied(self) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:  # nosec B310 - loopback
-            for line in resp.read().decode().splitlines():
-                if line.startswith('clip_search_product_updates_total{outcome="applied"} '):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return metric(self.port, "clip_search_product_updates_total", '{outcome="applied"}')
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the service process so far (all its threads)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def base_env(bootstrap: str, model_dir: str, name: str) -> dict[str, str]:

@@ -130,12 +130,12 @@ def metric(port: int, name: str, labels: str = "") -> float:
 class ServiceProcess:
     """``python -m consumer`` with the benchmark's environment, its RSS sampled from the start."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, module: str = "consumer") -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, module: str = "consumer", cwd: Path = REPO) -> None:
         self.port = int(env.get("METRICS_PORT", "0"))
         self.log = open(log_path, "w")  # noqa: SIM115 - the service writes to it until stop() closes it
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=os.environ | env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", module], env=os.environ | env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT
         )
         self.rss = RssSampler(self.proc.pid)
 

@@ -143,7 +143,6 @@ class Service:
             if settings.role is Role.ALL
             else [_Lane(settings.role.value, None)]
         )
-        self._held: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._revoking = asyncio.Event()
         self.batches = 0
@@ -346,7 +345,6 @@ class Service:
         """Pause the lane's partitions and drop their prefetched records (read on from after ``records``)."""
         consumer = self._group_consumer
         lane.held = set(lane.partitions(consumer.assignment()))
-        self._held |= lane.held
         consumer.pause(*lane.held)
         after: dict[TopicPartition, int] = {}
         for r in records:
@@ -359,7 +357,6 @@ class Service:
     def _release(self, lane: _Lane) -> None:
         """Resume what ``_hold`` paused, except partitions waiting for a retry or under memory backpressure."""
         held, lane.held = lane.held, set()
-        self._held -= held
         if not held or self.memory_guard.paused or self.consumer is None:
             return
         waiting, assigned = self.pauses.waiting(), self.consumer.assignment()
@@ -484,7 +481,7 @@ class Service:
         elif action == "resume":
             waiting = self.pauses.waiting()
             consumer = self._group_consumer
-            consumer.resume(*(tp for tp in consumer.assignment() if tp not in waiting and tp not in self._held))
+            consumer.resume(*(tp for tp in consumer.assignment() if tp not in waiting and not any(tp in lane.held for lane in self.lanes)))
             log.info("memory back under the low-water mark: fetching resumed")
 
     async def _fetch(self, lane: _Lane, timeout_s: float, max_items: int) -> list[ConsumerRecord]:
