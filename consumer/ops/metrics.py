@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from consumer.encoder.encoder import Encoder
     from consumer.index.feature_index import FeatureIndex
+    from consumer.pipeline.reply_cache import ReplyCache
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,24 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_index_bytes", "Bytes of the in-memory feature index arrays.", value=o.index.nbytes)
             yield GaugeMetricFamily(f"{PREFIX}_index_products", "Products in the in-memory feature index.", value=len(o.index))
 
+        if o.reply_cache is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_reply_cache_bytes",
+                "Approximate bytes held by the reply cache (REPLY_CACHE_MAX_BYTES bounds it).",
+                value=o.reply_cache.nbytes,
+            )
+            yield GaugeMetricFamily(f"{PREFIX}_reply_cache_entries", "Replies held by the reply cache.", value=len(o.reply_cache))
+
 
 class ServiceMetrics:
     """The metrics of one replica and the calls that update them.
 
     ``encoder`` and ``index`` may be None (e.g. no product cache); their gauges
     are then absent. ``memory_limit_bytes`` None leaves the limit gauge absent.
+    ``reply_cache``, when set, adds the reply cache's size gauges.
     """
+
+    reply_cache: ReplyCache[Any] | None = None
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from consumer.config.settings import Role, Settings
@@ -34,12 +34,30 @@ from schemas import ProductUpdated, SearchRequest, SearchResult
 log = logging.getLogger(__name__)
 
 
+_ENTRY_OVERHEAD_BYTES = 800
+"""Roughly what a cached reply's Python objects (message, headers, cache entry) hold besides their byte strings."""
+
+
 @dataclass(frozen=True)
 class CachedReply:
-    """The first reply to a request_id, and its error code (None for results)."""
+    """The first reply to a request_id, and its error code (None for results); ``message`` holds no ``source``."""
 
     message: Outbound
     code: str | None
+
+    @classmethod
+    def of(cls, message: Outbound, code: str | None) -> CachedReply:
+        return cls(replace(message, source=None), code)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by this entry (what ``REPLY_CACHE_MAX_BYTES`` counts)."""
+        m = self.message
+        return _ENTRY_OVERHEAD_BYTES + len(m.value) + len(m.key or b"") + len(m.topic) + sum(len(k) + len(v) for k, v in m.headers)
+
+    def answering(self, record: Record) -> Outbound:
+        """The cached reply, as the answer to the redelivered ``record``."""
+        return replace(self.message, source=record)
 
 
 class BatchProcessor:
@@ -49,7 +67,9 @@ class BatchProcessor:
         self.settings = settings
         self.search_handler = search_handler
         self.product_handler = product_handler
-        self.reply_cache: ReplyCache[CachedReply] = ReplyCache(settings.reply_cache_size, settings.reply_cache_ttl_s)
+        self.reply_cache: ReplyCache[CachedReply] = ReplyCache(
+            settings.reply_cache_size, settings.reply_cache_ttl_s, settings.reply_cache_max_bytes, lambda reply: reply.nbytes
+        )
         self._attempts: dict[tuple[str, int, int], int] = {}
 
     async def process(self, records: Sequence[Record]) -> tuple[BatchReport, list[Outbound]]:
@@ -64,7 +84,7 @@ class BatchProcessor:
         for record, rid, cached in duplicates:
             first = cached or self.reply_cache.get(rid)
             if first is not None:
-                batch.emit(record, Outcome.DUPLICATE, [first.message], first.code)
+                batch.emit(record, Outcome.DUPLICATE, [first.answering(record)], first.code)
         return batch.finish()
 
     def _within_image_budget(self, batch: _Batch, updates: list[tuple[Record, ProductUpdated]]) -> list[tuple[Record, ProductUpdated]]:
@@ -167,11 +187,11 @@ class BatchProcessor:
                 reply = error_reply(request.request_id, reply)
             message = reply_message(self.settings, request.reply_to, reply, r)
             if isinstance(reply, SearchResult):
-                self.reply_cache.put(request.request_id, CachedReply(message, None))
+                self.reply_cache.put(request.request_id, CachedReply.of(message, None))
                 batch.emit(r, Outcome.RESULT, [message])
                 continue
             err = InputError(reply.error.message, reply.error.code)
-            self.reply_cache.put(request.request_id, CachedReply(message, err.code))
+            self.reply_cache.put(request.request_id, CachedReply.of(message, err.code))
             batch.emit(r, Outcome.ERROR_REPLY, [dead_letter(self.settings, r, err), message], err.code)
 
     async def _isolating(

@@ -377,3 +377,17 @@ async def test_readiness_pings_a_real_store(service_factory, store_settings):
     service = service_factory(**store_settings)
     async with running(service):
         assert await readiness(service) is None
+
+
+def test_reply_cache_gauges_read_the_live_cache():
+    from consumer.pipeline.reply_cache import ReplyCache
+
+    m = metrics()
+    get = m.registry.get_sample_value
+    assert get("clip_search_reply_cache_bytes") is None
+    cache: ReplyCache[bytes] = ReplyCache(10, 60, max_bytes=100, size=len)
+    m.reply_cache = cache
+    cache.put("a", b"x" * 30)
+    cache.put("b", b"y" * 20)
+    assert get("clip_search_reply_cache_bytes") == 50
+    assert get("clip_search_reply_cache_entries") == 2
