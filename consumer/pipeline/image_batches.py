@@ -12,7 +12,7 @@ Nothing here knows about Kafka.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
@@ -27,6 +27,9 @@ DEFAULT_DECODE_THREADS = 2
 
 Decode = Callable[[str], np.ndarray]
 """Base64 image to a pixel tensor [3, S, S]; raises ``InputError`` for an unusable one."""
+
+ChunkDone = Callable[[list[tuple[int, "np.ndarray | InputError"]]], Awaitable[None]]
+"""Told each chunk's results as soon as they exist; the next chunk's encode waits for it to return."""
 
 
 def decode_pool(threads: int = DEFAULT_DECODE_THREADS) -> ThreadPoolExecutor:
@@ -53,12 +56,15 @@ async def encode_images(
     decode: Decode,
     executor: Executor,
     chunk: int = DEFAULT_CHUNK,
+    on_chunk: ChunkDone | None = None,
 ) -> list[tuple[int, np.ndarray | InputError]]:
     """``(row, embedding or InputError)`` for every ``(row, base64)`` of ``images``, in their order.
 
     Decoding of the next chunk overlaps encoding of the current one; the decodes of one chunk
-    run in parallel on ``executor``. Cancellation waits for nothing: a decode or encode already
-    running in a thread finishes there and its result is dropped.
+    run in parallel on ``executor``. ``on_chunk`` gets each chunk's results (in order) before
+    the next chunk is encoded; it should only start work, not wait for it. Cancellation waits
+    for nothing: a decode or encode already running in a thread finishes there and its result
+    is dropped.
     """
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
@@ -83,7 +89,10 @@ async def encode_images(
                 embedded = dict(zip(rows, emb, strict=True))
                 decoded = errors
             failed = dict(decoded)
-            out.extend((row, embedded[row] if row in embedded else failed[row]) for row, _ in chunks[k])
+            done = [(row, embedded[row] if row in embedded else failed[row]) for row, _ in chunks[k]]
+            out.extend(done)
+            if on_chunk is not None:
+                await on_chunk(done)
     finally:
         if not decoding.done():
             decoding.cancel()

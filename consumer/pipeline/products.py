@@ -54,6 +54,9 @@ class ProductOutcome:
     feature: np.ndarray | None = None
 
 
+RowsDone = Callable[[list[tuple[int, "np.ndarray | InputError"]]], Awaitable[None]]
+
+
 class ProductStoreLike(Protocol):
     async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool: ...
 
@@ -68,8 +71,8 @@ class ProductHandler:
     Held versions come from the store when there is one (so restarts and other replicas
     skip re-encoding), else from the index. A stored feature made by another model id
     counts as not held, so the product is re-encoded rather than mixed in. ``before_apply``
-    runs after encoding and before anything is stored (the ingest role publishes the
-    features there, so a crash in between re-encodes rather than loses an update).
+    gets each run of encoded outcomes before any of them is stored (the ingest role publishes
+    the features there, so a crash in between re-encodes rather than loses an update).
     ``on_encoded(input, n)`` is told of every ``n`` products encoded from ``input`` ("text" or "image").
     """
 
@@ -105,11 +108,13 @@ class ProductHandler:
             return {}
         return {pid: v for pid in ids if (v := self.index.version_of(pid)) is not None}
 
-    async def encode(self, updates: Sequence[ProductUpdated]) -> list[np.ndarray | InputError | None]:
+    async def encode(self, updates: Sequence[ProductUpdated], on_rows: RowsDone | None = None) -> list[np.ndarray | InputError | None]:
         """Feature per update (None for deletes); image decode errors are returned, not raised.
 
         Texts are encoded in one batched call; images go through ``image_batches.encode_images``
         (decoded in parallel on this handler's decode threads, overlapped with encoding, in chunks).
+        ``on_rows`` is told the ``(row, feature or InputError)`` of the texts, then of each image
+        chunk, as soon as they exist; the next chunk's encode waits for it to return.
         """
         out: list[np.ndarray | InputError | None] = [None] * len(updates)
         texts: list[tuple[int, str]] = []
@@ -121,8 +126,11 @@ class ProductHandler:
                 images.append((i, u.image_b64))
             else:
                 texts.append((i, product_text(u)))
-        for i, vec in await encode_rows(self.encoder, texts, []):
+        text_rows: list[tuple[int, np.ndarray | InputError]] = list(await encode_rows(self.encoder, texts, []))
+        for i, vec in text_rows:
             out[i] = vec
+        if on_rows is not None and text_rows:
+            await on_rows(text_rows)
         encoded_images = 0
         if images:
             limits, preprocess = self.image_limits, self.encoder.preprocess
@@ -132,6 +140,7 @@ class ProductHandler:
                 lambda data: pixels_from_base64(data, limits, preprocess),
                 self._decode_executor(),
                 self.image_chunk,
+                on_rows,
             )
             for i, result in decoded:
                 out[i] = result
@@ -149,26 +158,38 @@ class ProductHandler:
         return self._decoder
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
-        """One outcome per update, in order; stale updates are skipped before any encoding."""
+        """One outcome per update, in order; stale updates are skipped before any encoding.
+
+        Encoded updates are applied (``before_apply``, then ``apply_all``) in batch order, one
+        unbroken run of settled updates at a time, while later images are still being encoded:
+        a chunk's publish and store writes overlap the next chunk's encode. The first failure of
+        an apply stops the encoding and is raised; applies still running are cancelled.
+        """
         held = await self.held_versions(updates)
         todo = [i for i, u in enumerate(updates) if u.version > held.get(u.product_id, -1)]
-        features = dict(zip(todo, await self.encode([updates[i] for i in todo]), strict=True))
-        outcomes = []
+        steps = _InOrderApply(self, len(updates))
+        queued = set(todo)
         for i, u in enumerate(updates):
-            if i not in features:
-                outcomes.append(ProductOutcome(u, "stale"))
-            elif isinstance(feature := features[i], InputError):
-                outcomes.append(ProductOutcome(u, "error", error=feature))
-            else:
-                outcomes.append(ProductOutcome(u, "encoded", feature=feature))
-        if self.before_apply is not None:
-            await self.before_apply([o for o in outcomes if o.status == "encoded"])
-        encoded = [o for o in outcomes if o.status == "encoded"]
-        applied = iter(await self.apply_all([(o.update, o.feature) for o in encoded]))
-        return [
-            ProductOutcome(o.update, "applied" if next(applied) else "stale", feature=o.feature) if o.status == "encoded" else o
-            for o in outcomes
-        ]
+            if i not in queued:
+                steps.settle(i, ProductOutcome(u, "stale"))
+            elif u.deleted:
+                steps.settle(i, ProductOutcome(u, "encoded"))
+
+        async def settle(rows: list[tuple[int, np.ndarray | InputError]]) -> None:
+            for row, feature in rows:
+                u = updates[todo[row]]
+                if isinstance(feature, InputError):
+                    steps.settle(todo[row], ProductOutcome(u, "error", error=feature))
+                else:
+                    steps.settle(todo[row], ProductOutcome(u, "encoded", feature=feature))
+            steps.advance()
+
+        try:
+            steps.advance()
+            await self.encode([updates[i] for i in todo], settle)
+            return await steps.finish()
+        finally:
+            await steps.abort()
 
     async def apply_all(self, items: Sequence[tuple[ProductUpdated, np.ndarray | None]]) -> list[bool]:
         """``apply`` each item; items of different products run concurrently (at most ``APPLY_CONCURRENCY``
@@ -211,3 +232,66 @@ class ProductHandler:
             return self.index.delete(update.product_id, update.version)
         assert feature is not None  # only deletes have no feature (``encode``)
         return self.index.upsert(product_meta(update), feature)
+
+
+class _InOrderApply:
+    """A batch's apply steps, in batch order, started while later rows are still being encoded.
+
+    ``settle`` records a row's outcome; ``advance`` hands the rows settled since the last step,
+    up to the first unsettled one, to a new step (``before_apply`` then ``apply_all`` of its
+    encoded outcomes) that runs after the previous step. So features are published and stored
+    in batch order, product by product, whatever the chunking.
+    """
+
+    def __init__(self, handler: ProductHandler, size: int) -> None:
+        self.handler = handler
+        self.outcomes: list[ProductOutcome | None] = [None] * size
+        self.applied: dict[int, bool] = {}
+        self._next = 0
+        self._last: asyncio.Future[None] | None = None
+
+    def settle(self, row: int, outcome: ProductOutcome) -> None:
+        self.outcomes[row] = outcome
+
+    def advance(self) -> None:
+        """Start a step for the newly settled prefix; raises the error of a step that already failed."""
+        if self._last is not None and self._last.done() and not self._last.cancelled() and (exc := self._last.exception()):
+            raise exc
+        start = self._next
+        while self._next < len(self.outcomes) and self.outcomes[self._next] is not None:
+            self._next += 1
+        rows = [i for i in range(start, self._next) if self._outcome(i).status == "encoded"]
+        if rows:
+            self._last = asyncio.ensure_future(self._step(self._last, rows))
+
+    def _outcome(self, row: int) -> ProductOutcome:
+        outcome = self.outcomes[row]
+        assert outcome is not None  # rows before ``_next`` are settled
+        return outcome
+
+    async def _step(self, previous: asyncio.Future[None] | None, rows: list[int]) -> None:
+        if previous is not None:
+            await previous
+        encoded = [self._outcome(i) for i in rows]
+        if self.handler.before_apply is not None:
+            await self.handler.before_apply(encoded)
+        applied = await self.handler.apply_all([(o.update, o.feature) for o in encoded])
+        self.applied.update(zip(rows, applied, strict=True))
+
+    async def finish(self) -> list[ProductOutcome]:
+        """Wait for every step; the final outcome per row (``applied`` or ``stale`` for the encoded ones)."""
+        if self._last is not None:
+            await self._last
+        out = []
+        for row in range(len(self.outcomes)):
+            o = self._outcome(row)
+            out.append(
+                ProductOutcome(o.update, "applied" if self.applied[row] else "stale", feature=o.feature) if o.status == "encoded" else o
+            )
+        return out
+
+    async def abort(self) -> None:
+        """Cancel a step still running (and, through it, the ones it waits for); no-op once finished."""
+        if self._last is not None and not self._last.done():
+            self._last.cancel()
+            await asyncio.gather(self._last, return_exceptions=True)
