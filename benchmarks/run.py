@@ -12,10 +12,10 @@ store and the compacted features topic, then runs each configuration as its own
 for throughput, open loop at a fixed rate for latency) and a sampler reads the process's
 VmRSS/RssAnon from /proc every 50 ms. ``ROLE=search`` starts twice: as a new replica that reads
 the whole features topic (and writes an index snapshot at shutdown), then as a restart from that
-snapshot. ``ROLE=ingest`` runs alone with a burst of image updates (images/s from the first
-publish to the last update applied); ``ROLE=all`` answers 20 searches/s during a burst of the
-same size. The seed-style baseline (benchmarks/seed_baseline.py) runs through the same broker in
-the same run. Per family (``model_builder.FAMILIES``): the export's process-tree peak (into an
+snapshot. ``ROLE=ingest`` runs alone with a burst of image updates (images/s from the burst's
+first publish to its last update applied, after one update that loads the vision tower, timed
+on its own); ``ROLE=all`` answers 20 searches/s during a burst of the same size. The seed-style
+baseline (benchmarks/seed_baseline.py) runs through the same broker in the same run. Per family (``model_builder.FAMILIES``): the export's process-tree peak (into an
 empty cache), the text tower's ms per query, and ROLE=search, ingest and all on a smaller catalog.
 Prints the tables and writes a JSON report (benchmarks/reports/benchmark[-quick].json) with
 PNG plots next to it (benchmarks/plots.py).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -283,14 +284,31 @@ def await_applied(port: int, count: int, proc: subprocess.Popen, timeout: float 
 
 
 def image_burst(run: Run, svc: ServiceProcess, scenario: str, start_id: int, result: dict) -> None:
-    """Publish ``run.images`` image updates to ``scenario``'s topic and record the seconds until all are applied."""
+    """One image update, then a burst of ``run.images``: ``first_update_s`` is the seconds until the first is applied
+    (it loads the vision tower), ``burst_s`` from the burst's first publish until all of it is applied."""
     from producer_examples.client import publish
 
-    updates = image_updates(run.images, start_id)
+    topic = scenario_topics(scenario, run.prefix)["PRODUCT_UPDATES_TOPIC"]
+    first, *burst = image_updates(run.images + 1, start_id)
     started = time.monotonic()
-    asyncio.run(publish(run.bootstrap, scenario_topics(scenario, run.prefix)["PRODUCT_UPDATES_TOPIC"], updates, key_field="product_id"))
-    await_applied(svc.port, run.images, svc.proc)
+    asyncio.run(publish(run.bootstrap, topic, [first], key_field="product_id"))
+    await_applied(svc.port, 1, svc.proc)
+    result["first_update_s"] = time.monotonic() - started
+    started = time.monotonic()
+    asyncio.run(publish(run.bootstrap, topic, burst, key_field="product_id"))
+    await_applied(svc.port, 1 + run.images, svc.proc)
     result["burst_s"] = time.monotonic() - started
+
+
+def burst_figures(run: Run, result: dict) -> dict:
+    """The burst's figures for the report: images/s is warm (the vision tower was loaded by the first update)."""
+    if "burst_s" not in result:
+        return {"first_update_s": None, "burst_s": None, "image_updates_per_s": None}
+    return {
+        "first_update_s": round(result["first_update_s"], 2),
+        "burst_s": round(result["burst_s"], 2),
+        "image_updates_per_s": round(run.images / result["burst_s"], 1),
+    }
 
 
 def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tuple[dict, dict[str, dict]]:
@@ -337,7 +355,7 @@ def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tup
 
 
 def ingest_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
-    """ROLE=ingest alone: a burst of ``run.images`` image updates; images/s from the first publish to the last applied."""
+    """ROLE=ingest alone: a burst of ``run.images`` image updates after one that loads the vision tower (``image_burst``)."""
     svc = ServiceProcess(run.env("ingest", ROLE="ingest", MONGODB_URI=run.mongo_uri, MONGODB_DATABASE=run.prefix), run.log("ingest"))
     result: dict = {}
     try:
@@ -349,8 +367,7 @@ def ingest_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
         svc.stop()
     out = {
         "start_to_consuming_s": round(ready, 2),
-        "burst_s": round(result["burst_s"], 2),
-        "image_updates_per_s": round(run.images / result["burst_s"], 1),
+        **burst_figures(run, result),
         "peak": svc.rss.peak(),
     }
     return out, {"ingest": svc.rss.timeline()}
@@ -374,8 +391,7 @@ def all_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
     out = {
         "start_to_consuming_s": round(ready, 2),
         "open_loop_20rps_during_burst": opened,
-        "burst_s": round(result["burst_s"], 2) if "burst_s" in result else None,
-        "image_updates_per_s": round(run.images / result["burst_s"], 1) if "burst_s" in result else None,
+        **burst_figures(run, result),
         "peak": svc.rss.peak(),
     }
     return out, {"all": svc.rss.timeline()}
@@ -445,8 +461,40 @@ def family_names() -> list[str]:
     return sorted(names, key=lambda name: name != OPENAI)
 
 
-def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: int, phase: float, images: int) -> dict:
-    """One family end to end: a measured export into a fresh cache, then ROLE=search, ingest and all on a small catalog."""
+def towers_interleaved(onnx_dirs: dict[str, str], rounds: int = 10) -> dict[str, dict]:
+    """Child process: every family's int8 towers loaded at once and timed in turns (round-robin, ``rounds`` times), so
+    machine noise hits all alike: text ms per single query (median) and vision ms per image in runs of 8 (median)."""
+    code = f"""
+import json, statistics, sys, time
+import numpy as np
+sys.path.insert(0, {str(REPO)!r})
+from benchmarks.loadgen import query_texts
+from consumer.encoder.encoder import Encoder
+from consumer.encoder.onnx_backend import OnnxBackend
+dirs = {onnx_dirs!r}
+encoders = {{name: Encoder(OnnxBackend(path, 2), name) for name, path in dirs.items()}}
+texts = query_texts({rounds} * 10, 11)
+text, vision = {{n: [] for n in dirs}}, {{n: [] for n in dirs}}
+rng = np.random.default_rng(3)
+pixels = {{n: rng.random((8, 3, e.preprocess.image_size, e.preprocess.image_size), dtype=np.float32) for n, e in encoders.items()}}
+for name, enc in encoders.items():
+    enc.encode_text(texts[:2]); enc.encode_images(pixels[name])
+for r in range({rounds}):
+    for name, enc in encoders.items():
+        for t in texts[r * 10:r * 10 + 10]:
+            s = time.perf_counter(); enc.encode_text([t]); text[name].append(time.perf_counter() - s)
+        s = time.perf_counter(); enc.encode_images(pixels[name]); vision[name].append((time.perf_counter() - s) / 8)
+print(json.dumps({{n: {{"text_single_ms": round(statistics.median(text[n]) * 1000, 2),
+                       "vision_ms_per_image": round(statistics.median(vision[n]) * 1000, 2)}} for n in dirs}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: int, phase: float, images: int, cache: str) -> dict:
+    """One family end to end: a measured export into ``cache`` (empty), then ROLE=search, ingest and all on a small catalog."""
     from consumer.tools import model_builder
     from consumer.tools.onnx_export import export_in_subprocess
 
@@ -454,20 +502,19 @@ def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: 
     dim = int(json.loads((Path(model_dir) / "config.json").read_text()).get("projection_dim", 512))
     family = getattr(model_builder, "FAMILIES", {}).get(name)
     hub_id = family.get("hub_id") if isinstance(family, dict) else getattr(family, "hub_id", None)
-    with tempfile.TemporaryDirectory(prefix=f"bench-export-{name}-") as cache:
-        settings = Settings(clip_model=model_dir, model_cache_dir=cache, _env_file=None)
-        with TreePeak() as tree:
-            onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
-        out: dict = {"hub_id": hub_id, "dim": dim, "export": {"peak": tree.result()}}
-        print(f"[{name}] export: {out['export']}", flush=True)
-        prefix = f"fam-{name}"
-        run = Run(bootstrap, mongo_uri, model_dir, logs, phase, images, products, prefix, {"MODEL_CACHE_DIR": cache})
-        asyncio.run(create_bench_topics(bootstrap, prefix, FAMILY_SCENARIOS))
-        out["catalog_write"] = asyncio.run(write_catalog(products, model_dir + "#onnx-int8", bootstrap, mongo_uri, prefix, dim))
-        out["text_encode"] = text_encode_ms(Path(onnx_dir))
-        out["search"], _ = search_scenario(run, None, restart=False)
-        out["ingest"], _ = ingest_scenario(run, products)
-        out["all"], _ = all_scenario(run, products + 10 * images)
+    settings = Settings(clip_model=model_dir, model_cache_dir=cache, _env_file=None)
+    with TreePeak() as tree:
+        onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
+    out: dict = {"hub_id": hub_id, "dim": dim, "onnx_dir": str(onnx_dir), "export": {"peak": tree.result()}}
+    print(f"[{name}] export: {out['export']}", flush=True)
+    prefix = f"fam-{name}"
+    run = Run(bootstrap, mongo_uri, model_dir, logs, phase, images, products, prefix, {"MODEL_CACHE_DIR": cache})
+    asyncio.run(create_bench_topics(bootstrap, prefix, FAMILY_SCENARIOS))
+    out["catalog_write"] = asyncio.run(write_catalog(products, model_dir + "#onnx-int8", bootstrap, mongo_uri, prefix, dim))
+    out["text_encode"] = text_encode_ms(Path(onnx_dir))
+    out["search"], _ = search_scenario(run, None, restart=False)
+    out["ingest"], _ = ingest_scenario(run, products)
+    out["all"], _ = all_scenario(run, products + 10 * images)
     print(f"[{name}] {json.dumps(family_figures(out))}", flush=True)
     return out
 
@@ -568,12 +615,19 @@ def main() -> int:
         if with_families:
             report["family_settings"] = {"products": fam_products, "phase_s": fam_phase, "image_updates": images}
             report["families"] = {}
-            for name in args.family or family_names():
-                try:
-                    report["families"][name] = family_run(name, bootstrap, mongo.uri, logs, fam_products, fam_phase, images)
-                except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
-                    print(f"[{name}] FAILED: {exc!r}; see {logs}/fam-{name}-*.log", flush=True)
-                    report["families"][name] = {"error": repr(exc)}
+            with contextlib.ExitStack() as caches:
+                for name in args.family or family_names():
+                    cache = caches.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-export-{name}-"))
+                    try:
+                        report["families"][name] = family_run(name, bootstrap, mongo.uri, logs, fam_products, fam_phase, images, cache)
+                    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+                        print(f"[{name}] FAILED: {exc!r}; see {logs}/fam-{name}-*.log", flush=True)
+                        report["families"][name] = {"error": repr(exc)}
+                exported = {name: fam.pop("onnx_dir") for name, fam in report["families"].items() if "onnx_dir" in fam}
+                if exported:
+                    for name, towers in towers_interleaved(exported).items():
+                        report["families"][name]["towers"] = towers
+                    print(f"towers, interleaved: {json.dumps({n: f.get('towers') for n, f in report['families'].items()})}", flush=True)
 
     if not args.families_only:
         report["fidelity"] = fidelity(model_dir, Path(onnx_dir), 2000 if args.quick else 5000)

@@ -124,6 +124,17 @@ def test_worst_ratio_ignores_missing_figures() -> None:
     assert worst_ratio(a, b) == 1.0
 
 
+def test_interleaved_tower_times_take_precedence_over_each_family_run() -> None:
+    """A family's own text time (9 ms, its run minutes after OpenAI's) loses to the turn-by-turn one (6.1 ms)."""
+    base, fam = family(20.0, 400.0), family(20.0, 400.0, text_ms=9.0)
+    assert worst_ratio(fam, base) == 1.5
+    base["towers"] = {"text_single_ms": 6.0, "vision_ms_per_image": 50.0}
+    fam["towers"] = {"text_single_ms": 6.1, "vision_ms_per_image": 40.0}
+    assert worst_ratio(fam, base) == 0.8, "the vision time is compared too"
+    fam["towers"]["vision_ms_per_image"] = 51.0
+    assert worst_ratio(fam, base) == 1.02
+
+
 def test_missing_sections_leave_rows_out(report: dict) -> None:
     del report["families"]
     figures = rows_by_figure(report)
