@@ -15,8 +15,10 @@ the whole features topic (and writes an index snapshot at shutdown), then as a r
 snapshot. ``ROLE=ingest`` runs alone with a burst of image updates (images/s from the burst's
 first publish to its last update applied, after one update that loads the vision tower, timed
 on its own); ``ROLE=all`` answers 20 searches/s during a burst of the same size. The seed-style
-baseline (benchmarks/seed_baseline.py) runs through the same broker in the same run. Per family (``model_builder.FAMILIES``): the export's process-tree peak (into an
-empty cache), the text tower's ms per query, and ROLE=search, ingest and all on a smaller catalog.
+baseline (benchmarks/seed_baseline.py) runs through the same broker in the same run. Per family
+(``model_builder.FAMILIES``): the export's process-tree peak (into an empty cache), the towers' ms
+per query and per image (all families timed in turns in one process), and ROLE=search, ingest
+and all on a smaller catalog.
 Prints the tables and writes a JSON report (benchmarks/reports/benchmark[-quick].json) with
 PNG plots next to it (benchmarks/plots.py).
 """
