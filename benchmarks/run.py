@@ -130,6 +130,34 @@ def metric(port: int, name: str, labels: str = "") -> float:
     return 0.0
 
 
+def stage_totals(port: int) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of ``clip_search_stage_seconds`` per stage, as the service's /metrics has them now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # nosec B310 - loopback
+        return parse_stage_totals(resp.read().decode())
+
+
+def parse_stage_totals(exposition: str) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) per stage of ``clip_search_stage_seconds`` in a Prometheus text exposition."""
+    totals: dict[str, list[float]] = {}
+    for line in exposition.splitlines():
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            head = f'clip_search_stage_seconds{suffix}{{stage="'
+            if line.startswith(head):
+                stage = line[len(head) :].split('"', 1)[0]
+                totals.setdefault(stage, [0.0, 0.0])[slot] = float(line.rsplit(" ", 1)[1])
+    return {stage: (t[0], t[1]) for stage, t in totals.items()}
+
+
+def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean ms per search of each stage between two ``stage_totals`` readings (stages with no new observation left out)."""
+    out = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            out[stage] = round((total - total0) / (count - count0) * 1000, 2)
+    return out
+
+
 class ServiceProcess:
     """``python -m consumer`` with the benchmark's environment, its RSS sampled from the start."""
 
@@ -326,7 +354,9 @@ def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tup
         svc.rss.mark("closed")
         closed = loadgen(run.bootstrap, "search", "closed", run.prefix, concurrency=64, duration=run.phase)
         svc.rss.mark("open")
+        stages_before = stage_totals(svc.port)
         opened = loadgen(run.bootstrap, "search", "open", run.prefix, rate=20, duration=run.phase)
+        opened["stage_mean_ms"] = stage_means_ms(stages_before, stage_totals(svc.port))
         svc.rss.mark("stopping")
     finally:
         svc.stop()

@@ -224,3 +224,20 @@ def test_first_start_row_needs_the_one_line_error_within_the_box(report: dict) -
     assert not rows_by_figure(report)[figure]["met"], "an OOM kill is not a one-line error"
     del report["first_start_without_export"]
     assert not rows_by_figure(report)[figure]["met"], "not measured is not met"
+
+
+def test_stage_means_come_from_the_service_histogram_between_two_readings() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from benchmarks.run import parse_stage_totals, stage_means_ms
+
+    registry = CollectorRegistry()
+    stages = Histogram("clip_search_stage_seconds", "per stage", ["stage"], registry=registry)
+    stages.labels("encode").observe(0.100)
+    stages.labels("publish").observe(0.002)
+    before = parse_stage_totals(generate_latest(registry).decode())
+    for seconds in (0.004, 0.006):
+        stages.labels("encode").observe(seconds)
+    after = parse_stage_totals(generate_latest(registry).decode())
+    assert after["encode"] == pytest.approx((0.11, 3.0))
+    assert stage_means_ms(before, after) == {"encode": 5.0}, "publish had no new observation; the 100 ms before is not counted"
