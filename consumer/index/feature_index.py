@@ -2,9 +2,14 @@
 
 Pure numpy/stdlib. Not thread-safe: callers serialise upserts, deletes and searches.
 
-Longer than most modules (about 450 lines) on purpose: one data structure whose slot arrays
+Longer than most modules (about 550 lines) on purpose: one data structure whose slot arrays
 (features, scales, versions, tombstones, fields) must change together in every write, and
 whose three storage dtypes share each code path; splitting it would spread that invariant.
+
+Product fields are held compactly rather than as Python objects: version, category code and
+price in per-slot arrays, name and description as UTF-8 in one byte array with per-slot
+offsets. A ``ProductMeta`` is made only when asked for (``get``, search hits), so 100k products
+cost a few MB of text instead of hundreds of bytes of objects each.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ StorageDType = Literal["float32", "float16", "int8"]
 
 _GROWTH = 1.5
 _NO_CATEGORY = -1
+_MIN_TEXT_GARBAGE = 1 << 20
+"""Bytes of superseded text tolerated before the text array is compacted (also: at most as many as are live)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +59,12 @@ class UpsertReport:
 class IndexState:
     """Everything a ``FeatureIndex`` holds, as arrays and lists (the input of ``restore``).
 
-    Arrays cover slots ``[0, high_water)`` and are views of the index when taken with
-    ``FeatureIndex.state`` (copy or write them before the index changes). ``live_slots``,
-    ``ids``, ``versions``, ``names`` and ``descriptions`` are parallel, one entry per live
-    product; category and price come from the per-slot arrays.
+    Per-slot arrays (``matrix``, ``scales``, ``categories``, ``prices``, ``versions``,
+    ``text_starts``, ``name_bytes``, ``description_bytes``) cover slots ``[0, high_water)``;
+    only the entries of ``live_slots`` mean anything. ``live_slots`` and ``ids`` are parallel,
+    one entry per live product. A live slot's name is the UTF-8 ``text[start:start + name_bytes]``
+    and its description the ``description_bytes`` after it. Arrays are views of the index when
+    taken with ``FeatureIndex.state`` (copy or write them before the index changes).
     """
 
     dim: int
@@ -64,12 +73,14 @@ class IndexState:
     scales: np.ndarray | None
     categories: np.ndarray
     prices: np.ndarray
+    versions: np.ndarray
+    text_starts: np.ndarray
+    name_bytes: np.ndarray
+    description_bytes: np.ndarray
+    text: np.ndarray
     category_names: list[str]
     live_slots: np.ndarray
     ids: list[str]
-    versions: np.ndarray
-    names: list[str]
-    descriptions: list[str]
     tombstones: dict[str, int]
 
 
@@ -94,19 +105,26 @@ class FeatureIndex:
         "_buffer",
         "_categories",
         "_category_codes",
+        "_category_names",
         "_chunk_rows",
+        "_description_bytes",
         "_dim",
         "_dtype",
         "_free",
         "_high_water",
         "_int8",
         "_matrix",
-        "_metas",
+        "_name_bytes",
         "_prices",
         "_scales",
         "_slot_ids",
         "_slots",
+        "_text",
+        "_text_live",
+        "_text_starts",
+        "_text_used",
         "_tombstones",
+        "_versions",
     )
 
     def __init__(
@@ -142,12 +160,19 @@ class FeatureIndex:
         self._prices = np.full(capacity, np.nan, dtype=np.float64)
         self._alive = np.zeros(capacity, dtype=bool)
         self._slot_ids = np.full(capacity, None, dtype=object)
-        self._metas: list[ProductMeta | None] = [None] * capacity
+        self._versions = np.zeros(capacity, dtype=np.int64)
+        self._text_starts = np.zeros(capacity, dtype=np.int64)
+        self._name_bytes = np.zeros(capacity, dtype=np.int32)
+        self._description_bytes = np.zeros(capacity, dtype=np.int32)
+        self._text = np.empty(0, dtype=np.uint8)
+        self._text_used = 0
+        self._text_live = 0
         self._slots: dict[str, int] = {}
         self._tombstones: dict[str, int] = {}
         self._free: list[int] = []
         self._high_water = 0
         self._category_codes: dict[str, int] = {}
+        self._category_names: list[str] = []
 
     @property
     def dim(self) -> int:
@@ -164,12 +189,24 @@ class FeatureIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the matrix, int8 scales and per-slot metadata arrays.
+        """Bytes of the matrix, int8 scales, per-slot field arrays and the product text array.
 
-        Excludes Python objects (ProductMeta, id strings, dicts) and the search
-        scratch buffer (chunk_rows x dim float32, only for float16/int8).
+        Excludes Python objects (id strings, dicts) and the search scratch buffer
+        (chunk_rows x dim float32, only for float16/int8).
         """
-        total = self._matrix.nbytes + self._categories.nbytes + self._prices.nbytes + self._alive.nbytes + self._slot_ids.nbytes
+        arrays = (
+            self._matrix,
+            self._categories,
+            self._prices,
+            self._alive,
+            self._slot_ids,
+            self._versions,
+            self._text_starts,
+            self._name_bytes,
+            self._description_bytes,
+            self._text,
+        )
+        total = sum(a.nbytes for a in arrays)
         if self._scales is not None:
             total += self._scales.nbytes
         return total
@@ -185,13 +222,31 @@ class FeatureIndex:
         return list(self._slots)
 
     def get(self, product_id: str) -> ProductMeta | None:
+        """The live product's fields (a new object on every call), or None if absent or deleted."""
         slot = self._slots.get(product_id)
-        return None if slot is None else self._metas[slot]
+        return None if slot is None else self._meta(slot)
 
     def version_of(self, product_id: str) -> int | None:
         """Version of the live product, or None if absent or deleted."""
-        meta = self.get(product_id)
-        return None if meta is None else meta.version
+        slot = self._slots.get(product_id)
+        return None if slot is None else int(self._versions[slot])
+
+    def _meta(self, slot: int) -> ProductMeta:
+        """The fields of a live slot, decoded from the per-slot arrays and the text array."""
+        start = int(self._text_starts[slot])
+        split = start + int(self._name_bytes[slot])
+        end = split + int(self._description_bytes[slot])
+        text = self._text
+        code = int(self._categories[slot])
+        price = float(self._prices[slot])
+        return ProductMeta(
+            self._slot_ids[slot],
+            int(self._versions[slot]),
+            text[start:split].tobytes().decode(errors="replace"),
+            text[split:end].tobytes().decode(errors="replace"),
+            None if code == _NO_CATEGORY else self._category_names[code],
+            None if math.isnan(price) else price,
+        )
 
     def upsert(self, meta: ProductMeta, feature: np.ndarray) -> bool:
         """Insert or replace a product; False (and no change) unless meta.version is newer.
@@ -233,9 +288,8 @@ class FeatureIndex:
             if slot is None:
                 seen = self._tombstones.get(product_id)
             else:
-                live = self._metas[slot]
-                assert live is not None  # a slot in _slots always holds its product's meta
-                seen = live.version
+                pending = row_of_slot.get(slot)
+                seen = int(self._versions[slot]) if pending is None else metas[pending].version
             if seen is not None and meta.version <= seen:
                 stale += 1
                 continue
@@ -243,7 +297,6 @@ class FeatureIndex:
                 slot = self._allocate_slot()
                 self._slots[product_id] = slot
                 self._tombstones.pop(product_id, None)
-            self._metas[slot] = meta
             row_of_slot[slot] = row
             applied += 1
         if row_of_slot:
@@ -264,8 +317,50 @@ class FeatureIndex:
         chosen = [metas[r] for r in rows.tolist()]
         self._categories[slots] = [self._category_code(m.category) for m in chosen]
         self._prices[slots] = [np.nan if m.price is None else m.price for m in chosen]
+        self._versions[slots] = [m.version for m in chosen]
         self._alive[slots] = True
         self._slot_ids[slots] = [m.product_id for m in chosen]
+        self._write_text(slots, chosen)
+
+    def _write_text(self, slots: np.ndarray, chosen: list[ProductMeta]) -> None:
+        """Append the names and descriptions of ``chosen`` to the text array for ``slots``; their previous text becomes garbage."""
+        names = [m.name.encode() for m in chosen]
+        descriptions = [m.description.encode() for m in chosen]
+        name_bytes = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
+        description_bytes = np.fromiter(map(len, descriptions), dtype=np.int64, count=len(descriptions))
+        sizes = name_bytes + description_bytes
+        blob = b"".join(part for pair in zip(names, descriptions, strict=True) for part in pair)
+        self._text_live -= int(self._name_bytes[slots].sum(dtype=np.int64) + self._description_bytes[slots].sum(dtype=np.int64))
+        self._reserve_text(len(blob))
+        start = self._text_used
+        self._text[start : start + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+        self._text_starts[slots] = start + np.cumsum(sizes) - sizes
+        self._name_bytes[slots] = name_bytes
+        self._description_bytes[slots] = description_bytes
+        self._text_used += len(blob)
+        self._text_live += len(blob)
+        self._compact_text_if_sparse()
+
+    def _reserve_text(self, extra: int) -> None:
+        needed = self._text_used + extra
+        if needed > self._text.shape[0]:
+            grown = np.empty(max(needed, int(self._text.shape[0] * _GROWTH)), dtype=np.uint8)
+            grown[: self._text_used] = self._text[: self._text_used]
+            self._text = grown
+
+    def _compact_text_if_sparse(self) -> None:
+        """Rewrite the text array with live text only once superseded text outweighs it (and ``_MIN_TEXT_GARBAGE``)."""
+        if self._text_used - self._text_live <= max(self._text_live, _MIN_TEXT_GARBAGE):
+            return
+        live = np.flatnonzero(self._alive[: self._high_water])
+        starts = self._text_starts[live]
+        sizes = self._name_bytes[live].astype(np.int64) + self._description_bytes[live]
+        view = self._text.data
+        blob = b"".join([view[s : s + n] for s, n in zip(starts.tolist(), sizes.tolist(), strict=True)])
+        self._text = np.frombuffer(blob, dtype=np.uint8).copy()
+        del blob
+        self._text_starts[live] = np.cumsum(sizes) - sizes
+        self._text_used = self._text_live = self._text.shape[0]
 
     def delete(self, product_id: str, version: int | None = None) -> bool:
         """Remove a live product; True if one was removed.
@@ -282,18 +377,19 @@ class FeatureIndex:
                 if previous is None or version > previous:
                     self._tombstones[product_id] = version
             return False
-        meta = self._metas[slot]
-        assert meta is not None
-        if version is not None and version < meta.version:
+        live_version = int(self._versions[slot])
+        if version is not None and version < live_version:
             return False
         del self._slots[product_id]
-        self._tombstones[product_id] = meta.version if version is None else version
+        self._tombstones[product_id] = live_version if version is None else version
         self._alive[slot] = False
         self._slot_ids[slot] = None
-        self._metas[slot] = None
         self._categories[slot] = _NO_CATEGORY
         self._prices[slot] = np.nan
+        self._text_live -= int(self._name_bytes[slot]) + int(self._description_bytes[slot])
+        self._name_bytes[slot] = self._description_bytes[slot] = 0
         self._free.append(slot)
+        self._compact_text_if_sparse()
         return True
 
     def search(self, queries: np.ndarray, params: Sequence[Query]) -> list[list[tuple[Hit, ProductMeta]]]:
@@ -323,13 +419,7 @@ class FeatureIndex:
             elif not alive.all():
                 mask = alive[None, :]
             topk.push(self._chunk_scores(queries, start, end), self._slot_ids[start:end], mask)
-        return [[(hit, self._live_meta(self._slots[hit.product_id])) for hit in hits] for hits in topk.results()]
-
-    def _live_meta(self, slot: int) -> ProductMeta:
-        """The meta of a live slot (a slot in ``_slots``), which always has one."""
-        meta = self._metas[slot]
-        assert meta is not None, f"live slot {slot} has no meta"
-        return meta
+        return [[(hit, self._meta(self._slots[hit.product_id])) for hit in hits] for hits in topk.results()]
 
     def _chunk_scores(self, queries: np.ndarray, start: int, end: int) -> np.ndarray:
         chunk = self._matrix[start:end]
@@ -352,7 +442,6 @@ class FeatureIndex:
         """The index's content; arrays are views, valid until the next change."""
         used = self._high_water
         live = np.flatnonzero(self._alive[:used])
-        metas = [self._live_meta(slot) for slot in live.tolist()]
         return IndexState(
             dim=self._dim,
             dtype=self._dtype,
@@ -360,20 +449,23 @@ class FeatureIndex:
             scales=None if self._scales is None else self._scales[:used],
             categories=self._categories[:used],
             prices=self._prices[:used],
-            category_names=list(self._category_codes),
+            versions=self._versions[:used],
+            text_starts=self._text_starts[:used],
+            name_bytes=self._name_bytes[:used],
+            description_bytes=self._description_bytes[:used],
+            text=self._text[: self._text_used],
+            category_names=list(self._category_names),
             live_slots=live,
-            ids=[m.product_id for m in metas],
-            versions=np.fromiter((m.version for m in metas), dtype=np.int64, count=len(metas)),
-            names=[m.name for m in metas],
-            descriptions=[m.description for m in metas],
+            ids=self._slot_ids[live].tolist(),
             tombstones=dict(self._tombstones),
         )
 
     def restore(self, state: IndexState) -> None:
         """Replace the whole content with ``state`` (of the same dim and dtype); ValueError if inconsistent.
 
-        Takes over the state's matrix and scales without a copy when they own their memory
-        (as freshly loaded arrays do), so a restore costs no second matrix.
+        Takes over the state's matrix, scales and text without a copy when they own their memory
+        (as freshly loaded arrays do), so a restore costs no second matrix. Text is checked to lie
+        within ``state.text``; it is decoded (invalid UTF-8 replaced) only when a product is read.
         """
         used = state.matrix.shape[0]
         live = np.asarray(state.live_slots, dtype=np.intp)
@@ -382,16 +474,27 @@ class FeatureIndex:
             raise ValueError(f"state is {state.dtype}[{state.dim}], index is {self._dtype}[{self._dim}]")
         if state.matrix.shape != (used, self._dim) or state.matrix.dtype != self._matrix.dtype:
             raise ValueError(f"state matrix is {state.matrix.dtype}{state.matrix.shape}")
-        per_slot = [state.categories, state.prices] + ([] if state.scales is None else [state.scales])
+        per_slot = [state.categories, state.prices, state.versions, state.text_starts, state.name_bytes, state.description_bytes]
+        per_slot += [] if state.scales is None else [state.scales]
         if (state.scales is None) != (self._scales is None) or any(a.shape != (used,) for a in per_slot):
             raise ValueError("state per-slot arrays do not match its matrix")
-        if not (len(state.ids) == len(state.names) == len(state.descriptions) == state.versions.shape[0] == n):
-            raise ValueError("state per-product lists differ in length")
+        if len(state.ids) != n:
+            raise ValueError("state ids and live slots differ in length")
         if n and (live.min() < 0 or live.max() >= used or np.unique(live).shape[0] != n or len(set(state.ids)) != n):
             raise ValueError("state live slots or ids are not unique and in range")
         codes = np.asarray(state.categories, dtype=np.int32)
         if codes.shape[0] and (codes.min() < _NO_CATEGORY or codes.max() >= len(state.category_names)):
             raise ValueError("state category codes out of range")
+        text = np.asarray(state.text)
+        starts = np.asarray(state.text_starts, dtype=np.int64)[live]
+        name_bytes = np.asarray(state.name_bytes, dtype=np.int64)[live]
+        description_bytes = np.asarray(state.description_bytes, dtype=np.int64)[live]
+        if text.dtype != np.uint8 or text.ndim != 1:
+            raise ValueError(f"state text is {text.dtype}{text.shape}, not bytes")
+        if n and (starts.min() < 0 or name_bytes.min() < 0 or description_bytes.min() < 0):
+            raise ValueError("state text offsets are negative")
+        if n and (starts + name_bytes + description_bytes).max() > text.shape[0]:
+            raise ValueError("state text offsets lie beyond its text")
 
         if used:
             self._reset(used, _owned(state.matrix), None if state.scales is None else _owned(state.scales))
@@ -399,26 +502,22 @@ class FeatureIndex:
             self._reset(1)
         self._categories[live] = codes[live]
         self._prices[live] = state.prices[live]
+        self._versions[live] = state.versions[live]
+        self._text_starts[live] = starts
+        self._name_bytes[live] = name_bytes
+        self._description_bytes[live] = description_bytes
         self._alive[live] = True
         self._slot_ids[live] = state.ids
         self._high_water = used
-        self._category_codes = {name: code for code, name in enumerate(state.category_names)}
+        self._category_names = list(state.category_names)
+        self._category_codes = {name: code for code, name in enumerate(self._category_names)}
         self._free = np.flatnonzero(~self._alive[:used])[::-1].tolist()
-        prices = state.prices[live].tolist()
-        for slot, pid, version, name, description, code, price in zip(
-            live.tolist(),
-            state.ids,
-            state.versions.tolist(),
-            state.names,
-            state.descriptions,
-            codes[live].tolist(),
-            prices,
-            strict=True,
-        ):
-            category = None if code == _NO_CATEGORY else state.category_names[code]
-            self._metas[slot] = ProductMeta(pid, version, name, description, category, None if math.isnan(price) else price)
-            self._slots[pid] = slot
+        self._slots = dict(zip(state.ids, live.tolist(), strict=True))
         self._tombstones = dict(state.tombstones)
+        self._text = _owned(text)
+        self._text_used = text.shape[0]
+        self._text_live = int(name_bytes.sum() + description_bytes.sum())
+        self._compact_text_if_sparse()
 
     def clear(self) -> None:
         """Forget every product and tombstone (capacity shrinks back to one slot)."""
@@ -454,13 +553,17 @@ class FeatureIndex:
         self._prices = grown(self._prices, np.nan)
         self._alive = grown(self._alive, False)
         self._slot_ids = grown(self._slot_ids, None)
-        self._metas.extend([None] * (capacity - len(self._metas)))
+        self._versions = grown(self._versions, 0)
+        self._text_starts = grown(self._text_starts, 0)
+        self._name_bytes = grown(self._name_bytes, 0)
+        self._description_bytes = grown(self._description_bytes, 0)
 
     def _category_code(self, category: str | None) -> int:
         if category is None:
             return _NO_CATEGORY
         code = self._category_codes.get(category)
         if code is None:
-            code = len(self._category_codes)
+            code = len(self._category_names)
             self._category_codes[category] = code
+            self._category_names.append(category)
         return code

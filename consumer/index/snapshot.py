@@ -12,6 +12,7 @@ snapshot is a consistent (index, offsets) pair.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -28,7 +29,8 @@ from consumer.index.feature_index import FeatureIndex, IndexState
 
 __all__ = ["FORMAT_VERSION", "Snapshot", "SnapshotError", "SnapshotFile"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: product text as one UTF-8 array with per-slot offsets, versions per slot (1: JSON lists of names and descriptions)."""
 
 
 class SnapshotError(Exception):
@@ -60,13 +62,35 @@ def _write_npy(out: IO[bytes], array: np.ndarray, chunk: int = 1 << 20) -> None:
         out.write(data[start : start + chunk])
 
 
+def _read_npy(archive: zipfile.ZipFile, name: str, chunk: int = 1 << 20) -> np.ndarray:
+    """Member ``name`` (.npy, C order, no objects) read into a new array that owns its memory; CRC checked."""
+    with archive.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"{name}: .npy format {version} is not supported")
+        shape, fortran_order, dtype = readers[version](member)
+        if fortran_order or dtype.hasobject:
+            raise ValueError(f"{name}: unsupported array layout")
+        array = np.empty(shape, dtype=dtype)
+        data = array.data.cast("B") if array.size else memoryview(bytearray())
+        for start in range(0, data.nbytes, chunk):
+            part = data[start : start + chunk]
+            if cast(io.BufferedIOBase, member).readinto(part) != part.nbytes:
+                raise EOFError(f"{name}: truncated")
+        if member.read(1):
+            raise ValueError(f"{name}: longer than its header says")
+    return array
+
+
 class SnapshotFile:
     """The snapshot of one features topic for one model and index layout, in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike[str], topic: str, model_id: str, dtype: str, dim: int) -> None:
         self.directory = Path(directory)
         self.header = {"format": FORMAT_VERSION, "topic": topic, "model_id": model_id, "dtype": dtype, "dim": dim}
-        digest = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode()).hexdigest()[:16]
+        named_by = {k: v for k, v in self.header.items() if k != "format"}
+        digest = hashlib.sha256(json.dumps(named_by, sort_keys=True).encode()).hexdigest()[:16]
         safe_topic = "".join(c if c.isalnum() or c in "-_." else "_" for c in topic)
         self.path = self.directory / f"{safe_topic}.{digest}.npz"
 
@@ -74,8 +98,8 @@ class SnapshotFile:
         """Write ``index`` and ``offsets`` atomically; the file's size in bytes. The index must not change meanwhile.
 
         The layout of ``numpy.savez`` (uncompressed), written member by member and straight from
-        the index's arrays, so that only one member's JSON text (a few MB at 100k products)
-        exists besides the index itself.
+        the index's arrays (product text included), so that only the ids' JSON text (about 1 MB
+        at 100k products) exists besides the index itself.
         """
         state = index.state()
         if (state.dim, state.dtype) != (self.header["dim"], self.header["dtype"]):
@@ -90,11 +114,13 @@ class SnapshotFile:
             "matrix": lambda: state.matrix,
             "categories": lambda: state.categories,
             "prices": lambda: state.prices,
-            "live_slots": lambda: state.live_slots,
             "versions": lambda: state.versions,
+            "text_starts": lambda: state.text_starts,
+            "name_bytes": lambda: state.name_bytes,
+            "description_bytes": lambda: state.description_bytes,
+            "text": lambda: state.text,
+            "live_slots": lambda: state.live_slots,
             "ids": lambda: _json_bytes(state.ids),
-            "names": lambda: _json_bytes(state.names),
-            "descriptions": lambda: _json_bytes(state.descriptions),
             "category_names": lambda: _json_bytes(state.category_names),
             "tombstones": lambda: _json_bytes(state.tombstones),
         }
@@ -122,33 +148,44 @@ class SnapshotFile:
         return self.path.stat().st_size
 
     def load(self) -> Snapshot | None:
-        """The snapshot, None if there is none; SnapshotError if it is unreadable or for something else."""
+        """The snapshot, None if there is none; SnapshotError if it is unreadable or for something else.
+
+        Every array is read straight into an array of its own (no second copy while loading), which
+        ``FeatureIndex.restore`` then takes over.
+        """
         try:
-            archive = np.load(self.path, allow_pickle=False)
+            archive = zipfile.ZipFile(self.path)
         except FileNotFoundError:
             return None
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
             raise SnapshotError(f"cannot read {self.path}: {exc}") from exc
         try:
             with archive:
-                header = _from_json_bytes(archive["header"])
+                members = {name.removesuffix(".npy") for name in archive.namelist()}
+
+                def read(name: str) -> np.ndarray:
+                    return _read_npy(archive, f"{name}.npy")
+
+                header = _from_json_bytes(read("header"))
                 mismatched = {k: header.get(k) for k, v in self.header.items() if header.get(k) != v}
                 if mismatched:
                     raise SnapshotError(f"{self.path} was made for {mismatched}, not {self.header}")
                 state = IndexState(
                     dim=header["dim"],
                     dtype=header["dtype"],
-                    matrix=archive["matrix"],
-                    scales=archive["scales"] if "scales" in archive.files else None,
-                    categories=archive["categories"],
-                    prices=archive["prices"],
-                    category_names=_from_json_bytes(archive["category_names"]),
-                    live_slots=archive["live_slots"],
-                    ids=_from_json_bytes(archive["ids"]),
-                    versions=archive["versions"],
-                    names=_from_json_bytes(archive["names"]),
-                    descriptions=_from_json_bytes(archive["descriptions"]),
-                    tombstones=_from_json_bytes(archive["tombstones"]),
+                    matrix=read("matrix"),
+                    scales=read("scales") if "scales" in members else None,
+                    categories=read("categories"),
+                    prices=read("prices"),
+                    versions=read("versions"),
+                    text_starts=read("text_starts"),
+                    name_bytes=read("name_bytes"),
+                    description_bytes=read("description_bytes"),
+                    text=read("text"),
+                    category_names=_from_json_bytes(read("category_names")),
+                    live_slots=read("live_slots"),
+                    ids=_from_json_bytes(read("ids")),
+                    tombstones=_from_json_bytes(read("tombstones")),
                 )
                 offsets = {int(p): int(o) for p, o in header["offsets"].items()}
                 return Snapshot(state, offsets, header["created"])

@@ -70,13 +70,29 @@ def test_replace_in_place_and_stale_versions_ignored() -> None:
     capacity, nbytes = index.capacity, index.nbytes
     assert not index.upsert(meta("a", 2, category="stale"), one_hot(1))
     assert not index.upsert(meta("a", 1, category="stale"), one_hot(1))
-    assert index.get("a") == meta("a", 2, category="x")
+    assert index.get("a") == meta("a", 2, category="x") and index.nbytes == nbytes
     assert index.upsert(meta("a", 3, category="y"), one_hot(1))
-    assert len(index) == 1 and index.capacity == capacity and index.nbytes == nbytes
+    assert len(index) == 1 and index.capacity == capacity
     assert index.get("a") == meta("a", 3, category="y")
     [[(hit, _)]] = index.search(one_hot(1)[None, :], [Query(top_k=5)])
     assert hit == Hit("a", 1.0)
     assert index.search(one_hot(0)[None, :], [Query(top_k=5, threshold=0.5)]) == [[]]
+
+
+def test_product_text_round_trips_and_rewrites_stay_bounded() -> None:
+    index = FeatureIndex(DIM, initial_capacity=4)
+    texts = ["", "\u00e9\u6f22\U0001f600", "x" * 5000, "plain"]
+    for i, text in enumerate(texts):
+        index.upsert(ProductMeta(f"p{i}", 1, text, text[::-1], "c", None), one_hot(i))
+    for version in range(2, 800):
+        index.upsert(ProductMeta("p2", version, "y" * 3000, f"v{version}", None, 1.5), one_hot(2))
+        index.delete("p3")
+        index.upsert(ProductMeta("p3", version, "", "", None, None), one_hot(3))
+    assert [index.get(f"p{i}") for i in range(2)] == [ProductMeta(f"p{i}", 1, t, t[::-1], "c", None) for i, t in enumerate(texts[:2])]
+    assert index.get("p2") == ProductMeta("p2", 799, "y" * 3000, "v799", None, 1.5)
+    assert index.get("p3") == ProductMeta("p3", 799, "", "", None, None)
+    live_text = sum(len(t.encode()) * 2 for t in texts[:2]) + 3000 + len(b"v799")
+    assert index.state().text.shape[0] <= 2 * live_text + (1 << 20), "superseded text is never reclaimed"
 
 
 def test_delete_tombstone_blocks_older_upsert() -> None:
@@ -217,7 +233,7 @@ def test_invalid_inputs() -> None:
 
 def test_nbytes_reflects_storage_dtype() -> None:
     sizes = {d: FeatureIndex(512, dtype=d, initial_capacity=1000).nbytes for d in ("float32", "float16", "int8")}  # type: ignore[arg-type]
-    per_slot_meta = 4 + 8 + 1 + 8
+    per_slot_meta = 4 + 8 + 1 + 8 + 8 + 8 + 4 + 4
     assert sizes["float32"] == 1000 * (512 * 4 + per_slot_meta)
     assert sizes["float16"] == 1000 * (512 * 2 + per_slot_meta)
     assert sizes["int8"] == 1000 * (512 + 4 + per_slot_meta)

@@ -44,6 +44,8 @@ def test_round_trip_restores_the_same_index(tmp_path, dtype: str) -> None:
 
     snapshot = file.load()
     assert snapshot is not None and snapshot.offsets == {0: 1234, 2: 5}
+    loaded = [snapshot.state.matrix, snapshot.state.text] + ([] if snapshot.state.scales is None else [snapshot.state.scales])
+    assert all(a.flags.owndata for a in loaded), "a loaded array is a view: restore would copy it"
     restored = FeatureIndex(DIM, dtype)
     restored.restore(snapshot.state)
     assert sorted(restored.ids()) == sorted(original.ids())
@@ -73,6 +75,17 @@ def test_a_file_made_for_another_model_is_refused(tmp_path) -> None:
     a.path.rename(b.path)
     with pytest.raises(SnapshotError, match="model-a"):
         b.load()
+
+
+def test_a_file_of_another_format_version_is_refused_in_place(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(index_snapshot, "FORMAT_VERSION", index_snapshot.FORMAT_VERSION - 1)
+    old = SnapshotFile(tmp_path, "features", "m", "int8", DIM)
+    old.save(filled("int8", n=20), {0: 20})
+    monkeypatch.undo()
+    current = SnapshotFile(tmp_path, "features", "m", "int8", DIM)
+    assert current.path == old.path, "a new format must replace the old file, not sit beside it"
+    with pytest.raises(SnapshotError, match="format"):
+        current.load()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip"])
@@ -124,6 +137,10 @@ def test_restore_rejects_inconsistent_states(tmp_path) -> None:
         {"prices": state.prices[:-1]},
         {"category_names": []},
         {"dim": DIM + 1},
+        {"text": state.text[:-1]},
+        {"name_bytes": state.name_bytes - 100},
+        {"versions": state.versions[:-1]},
+        {"text": state.text.astype(np.int16)},
     ):
         with pytest.raises(ValueError):
             index.restore(state.__class__(**(vars(state) | broken)))
