@@ -165,11 +165,15 @@ def clip_pixels(img: Image.Image, preprocess: ImagePreprocess = OPENAI_CLIP) -> 
     resized = img.resize(new_size, Image.Resampling(preprocess.resample))
     left = (resized.width - size) // 2
     top = (resized.height - size) // 2
-    crop = resized.crop((left, top, left + size, top + size))
-    scaled = np.asarray(crop, dtype=np.float32) / np.float32(255.0)
-    mean = np.asarray(preprocess.mean, dtype=np.float32)
-    std = np.asarray(preprocess.std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)))
+    std = np.asarray(preprocess.std, dtype=np.float64)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    offset = (-np.asarray(preprocess.mean, dtype=np.float64) / std).astype(np.float32)
+    out = np.empty((3, size, size), dtype=np.float32)
+    for channel in range(3):
+        np.multiply(crop[:, :, channel], scale[channel], out=out[channel])
+        out[channel] += offset[channel]
+    return out
 
 
 def pixels_from_base64(data: str, limits: ImageLimits, preprocess: ImagePreprocess = OPENAI_CLIP) -> np.ndarray:

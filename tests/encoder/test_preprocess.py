@@ -112,3 +112,13 @@ def test_encoder_preprocess_comes_from_the_backend(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 256}}))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(LAION_LIKE))
     assert Encoder(TorchBackend(str(tmp_path)), model_id="m").preprocess == ImagePreprocess.from_processor_config(LAION_LIKE)
+
+
+def test_each_channel_is_scaled_with_its_own_mean_and_std() -> None:
+    """Channel-planar [3, S, S]: ((value / 255) - mean[c]) / std[c], to float32 rounding (a crop of exactly S px)."""
+    img = _image(224, 224, seed=3)
+    recipe = ImagePreprocess(mean=(0.1, 0.5, 0.9), std=(0.2, 0.4, 0.8))
+    expected = ((np.asarray(img, dtype=np.float64) / 255.0 - recipe.mean) / recipe.std).transpose(2, 0, 1)
+    got = clip_pixels(img, recipe)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
