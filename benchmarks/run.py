@@ -10,9 +10,10 @@ starts a Tansu broker and a SecantusDB store, writes the catalog's features stra
 store and the compacted features topic, then runs each configuration as its own
 ``python -m consumer`` process while a separate load-generator process drives it (closed loop
 for throughput, open loop at a fixed rate for latency) and a sampler reads the process's
-VmRSS/RssAnon from /proc every 50 ms. ``ROLE=search`` starts twice: as a new replica that reads
-the whole features topic (and writes an index snapshot at shutdown), then as a restart from that
-snapshot. ``ROLE=ingest`` runs alone with a burst of image updates (images/s from the burst's
+VmRSS/RssAnon from /proc every 50 ms. ``ROLE=search`` starts three times: as a new replica that reads
+the whole features topic (and writes an index snapshot at shutdown), as a restart from that
+snapshot, and as a first replica from the snapshot a ``ROLE=ingest`` replica wrote.
+``ROLE=ingest`` runs alone with a burst of image updates (images/s from the burst's
 first publish to its last update applied, after one update that loads the vision tower, timed
 on its own); ``ROLE=all`` answers 20 searches/s during a burst of the same size. The seed-style
 baseline (benchmarks/seed_baseline.py) runs through the same broker in the same run. Per family
@@ -341,9 +342,12 @@ def burst_figures(run: Run, result: dict) -> dict:
     }
 
 
-def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tuple[dict, dict[str, dict]]:
+def search_scenario(
+    run: Run, snapshot_dir: str | None, *, restart: bool, from_ingest_snapshot: bool = False
+) -> tuple[dict, dict[str, dict]]:
     """ROLE=search: text tower only, int8 features followed from the compacted topic. The first start reads the whole
-    topic (and writes an index snapshot at shutdown); with ``restart`` a second start loads that snapshot."""
+    topic (and writes an index snapshot at shutdown); with ``restart`` a second start loads that snapshot; with
+    ``from_ingest_snapshot``, ``search_from_ingest_snapshot`` too."""
     env = run.env("search", ROLE="search", **({"INDEX_SNAPSHOT_DIR": snapshot_dir} if snapshot_dir else {}))
     svc = ServiceProcess(env, run.log("search"))
     try:
@@ -383,7 +387,52 @@ def search_scenario(run: Run, snapshot_dir: str | None, *, restart: bool) -> tup
         out["start_to_consuming_s"] = round(ready, 2)
         out["peak_restart"] = again.rss.peak()
         timelines["search restart (snapshot)"] = again.rss.timeline()
+    if from_ingest_snapshot:
+        out |= search_from_ingest_snapshot(run)
     return out, timelines
+
+
+def search_from_ingest_snapshot(run: Run) -> dict:
+    """A deployment's first search replica when only the ingest role has run: ROLE=ingest with a fresh
+    INDEX_SNAPSHOT_DIR follows the features topic until its snapshots-written counter moves (it writes one on
+    catching up), is stopped, and ROLE=search starts from that directory (start -> /readyz, first search)."""
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-snapshots-") as snapshot_dir:
+        env = run.env("ingest", ROLE="ingest", MONGODB_URI=run.mongo_uri, MONGODB_DATABASE=run.prefix, INDEX_SNAPSHOT_DIR=snapshot_dir)
+        ingest = ServiceProcess(env, run.log("ingest-snapshot"))
+        try:
+            wait_http(f"http://127.0.0.1:{ingest.port}/readyz", 300, ingest.proc)
+            deadline = time.monotonic() + 300
+            while metric(ingest.port, "clip_search_index_snapshot_writes_total", '{outcome="written"}') < 1:
+                if ingest.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ROLE=ingest wrote no index snapshot (exit code {ingest.proc.returncode})")
+                time.sleep(0.05)
+            written_s = time.monotonic() - ingest.started
+            index_mb = metric(ingest.port, "clip_search_index_bytes") / 2**20
+            rss_mb = metric(ingest.port, "clip_search_memory_rss_bytes") / 2**20
+            anon_mb = metric(ingest.port, "clip_search_memory_anon_bytes") / 2**20
+        finally:
+            ingest.stop()
+        search = ServiceProcess(run.env("search", ROLE="search", INDEX_SNAPSHOT_DIR=snapshot_dir), run.log("search-ingest-snapshot"))
+        try:
+            ready = wait_http(f"http://127.0.0.1:{search.port}/readyz", 300, search.proc)
+            indexed = metric(search.port, "clip_search_index_products")
+            records_read = metric(search.port, "clip_search_feature_records_total")
+            first = loadgen(run.bootstrap, "search", "single", run.prefix)
+        finally:
+            search.stop()
+    return {
+        "start_from_ingest_snapshot_s": round(ready, 2),
+        "first_search_from_ingest_snapshot_ms": first["p50_ms"],
+        "from_ingest_snapshot": {
+            "ingest_start_to_snapshot_s": round(written_s, 2),
+            "ingest_index_mb": round(index_mb, 1),
+            "ingest_rss_mb_after_snapshot": round(rss_mb, 1),
+            "ingest_anon_mb_after_snapshot": round(anon_mb, 1),
+            "ingest_peak": ingest.rss.peak(),
+            "indexed_products": indexed,
+            "features_records_read": records_read,
+        },
+    }
 
 
 def ingest_scenario(run: Run, start_id: int) -> tuple[dict, dict[str, dict]]:
@@ -635,7 +684,7 @@ def main() -> int:
             run = Run(bootstrap, mongo.uri, model_dir, logs, phase, images, n)
             timelines: dict[str, dict] = {}
             for key, scenario in (
-                ("search", lambda: search_scenario(run, snapshot_dir, restart=True)),
+                ("search", lambda: search_scenario(run, snapshot_dir, restart=True, from_ingest_snapshot=True)),
                 ("ingest", lambda: ingest_scenario(run, n)),
                 ("all", lambda: all_scenario(run, n + 10 * images)),
                 ("seed_baseline", lambda: seed_scenario(run)),

@@ -20,6 +20,7 @@ from consumer.encoder.encoder import Encoder
 from consumer.encoder.extras import EXPORT_MODULES, TORCH_BACKEND_MODULES, missing_extra
 from consumer.encoder.manifest import embedding_dim
 from consumer.index.feature_index import FeatureIndex
+from consumer.kafka.feature_follower import INGEST_POLL_RECORDS, FeatureFollower
 from consumer.kafka.service import Service
 from consumer.ops import log_summary
 from consumer.ops.health import HealthServer
@@ -124,16 +125,45 @@ def build_store(settings: Settings) -> ProductStore | None:
 
 
 def build_service(settings: Settings, encoder: Encoder | None = None) -> Service:
-    """A service for ``settings``; tests pass their own ``encoder`` to observe loads."""
+    """A service for ``settings``; tests pass their own ``encoder`` to observe loads.
+
+    Every role that holds an index sizes it the same way (``embedding_dim`` of ``CLIP_MODEL``'s config,
+    ``FEATURE_DTYPE``) and names it by the encoder's model id, which comes from the export manifest without
+    loading a tower: so an ingest replica's snapshots are the files search replicas look for. The ingest role's
+    index (``Settings.ingest_snapshots``) only feeds snapshots: its product handler keeps checking versions in
+    the store.
+    """
     encoder = encoder or build_encoder(settings)
     index = None
-    if settings.cache_products and settings.role is not Role.INGEST:
+    if (settings.cache_products and settings.role is not Role.INGEST) or settings.ingest_snapshots:
         index = FeatureIndex(dim=embedding_dim(settings.clip_model), dtype=settings.feature_dtype)
     return Service(settings, encoder, index, store=build_store(settings))
 
 
+async def start_service(service: Service) -> None:
+    """``service.start()``, then an ingest replica's snapshot follower (``Settings.ingest_snapshots``) in the background.
+
+    The follower runs as tasks of ``service.supervisor`` (``FeatureFollower.follow_unattended``) and is
+    ``service.follower``, so ``service.close`` stops it and writes the last snapshot.
+    """
+    await service.start()
+    s = service.settings
+    if s.ingest_snapshots and service.index is not None and service.follower is None:
+        follower = FeatureFollower(
+            s, service.index, service.encoder.model_id, service.index_lock, service.metrics, poll_records=INGEST_POLL_RECORDS
+        )
+        service.follower = follower
+        follower.follow_unattended(service.supervisor)
+
+
 async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
-    """None when ``service`` can serve, else why not: a failed background task, broker unreachable, store unreachable, no partitions assigned."""
+    """None when ``service`` can serve, else why not: a failed background task, broker unreachable, store unreachable,
+    a search replica's index not caught up, no partitions assigned.
+
+    An ingest replica's index (``INGEST_WRITES_SNAPSHOTS``) is not waited for: it serves no search, and the
+    product lane checks versions in the store, so it can ingest while its follower still reads the topic. Its
+    follower's failures still show here (as the supervisor's reason) until the restarted follower polls again.
+    """
     if (failed := service.supervisor.reason) is not None:
         return failed
     consumer = service.consumer
@@ -148,7 +178,7 @@ async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
             await asyncio.wait_for(service.store.collection.database.command("ping"), timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the store is a not-ready reason
             return f"store unreachable: {exc!r}"
-    if service.follower is not None and not service.follower.caught_up:
+    if service.follower is not None and not service.follower.caught_up and service.settings.role is not Role.INGEST:
         return "feature index still catching up with the features topic"
     if not consumer.assignment():
         return "no partitions assigned"
@@ -197,7 +227,7 @@ async def serve(settings: Settings) -> int:
     started = asyncio.Event()
 
     async def start_and_run() -> None:
-        await service.start()
+        await start_service(service)
         started.set()
         await service.run()
 

@@ -97,10 +97,16 @@ class Settings(SecuritySettings, BaseSettings):
     feature_dtype: Literal["float32", "float16", "int8"] = "float32"
     index_snapshot_dir: str | None = Field(
         None,
-        description="ROLE=search: keep a snapshot of the feature index here, so a restart reads only newer features",
+        description="ROLE=search: keep a snapshot of the feature index here, so a restart reads only newer features "
+        "(ROLE=ingest writes one too, see INGEST_WRITES_SNAPSHOTS)",
     )
     index_snapshot_interval_s: Annotated[float, Field(ge=0)] = Field(
         300.0, description="write the snapshot this often when the index changed (0: only at shutdown)"
+    )
+    ingest_writes_snapshots: bool = Field(
+        True,
+        description="ROLE=ingest with INDEX_SNAPSHOT_DIR: also follow the features topic into a FEATURE_DTYPE index and "
+        "write its snapshots there, so a first search replica starts from one (the ingest replica then holds the index)",
     )
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
@@ -166,6 +172,11 @@ class Settings(SecuritySettings, BaseSettings):
     def tower_quantization(self) -> dict[str, Literal["int8", "none"]]:
         """The quantization each tower is exported with: ``ONNX_QUANTIZE_TEXT`` / ``_VISION``, else ``ONNX_QUANTIZE``."""
         return {"text": self.onnx_quantize_text or self.onnx_quantize, "vision": self.onnx_quantize_vision or self.onnx_quantize}
+
+    @property
+    def ingest_snapshots(self) -> bool:
+        """ROLE=ingest follows the features topic and writes index snapshots (``INGEST_WRITES_SNAPSHOTS``, ``INDEX_SNAPSHOT_DIR``)."""
+        return self.role is Role.INGEST and self.ingest_writes_snapshots and bool(self.index_snapshot_dir)
 
     @property
     def max_batch_wait_s(self) -> float:

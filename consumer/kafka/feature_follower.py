@@ -1,4 +1,4 @@
-"""Follows the compacted features topic into a search replica's in-memory index.
+"""Follows the compacted features topic into a search replica's in-memory index (and an ingest replica's).
 
 Every search replica reads every partition (no consumer group), so each holds the complete
 catalog while search requests are shared out by the consumer group. ``start`` begins at the
@@ -11,6 +11,12 @@ broker reports; ``run_in_background`` then keeps following and writes a snapshot
 A snapshot whose offsets the topic no longer has (recreated or truncated) is discarded and
 the whole topic is read again: the broker either reports the offset out of range or
 reports a high watermark below it.
+
+An ingest replica with ``INGEST_WRITES_SNAPSHOTS`` (and ``INDEX_SNAPSHOT_DIR``) runs the same
+follower only to write snapshots, so the first search replica of a deployment starts from one:
+``follow_unattended`` does the start, the catch-up (then one snapshot at once) and the following
+in supervised background tasks, in polls of ``INGEST_POLL_RECORDS``, so neither the ingest
+replica's start nor its product lane waits for it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,6 +49,11 @@ JOIN_AHEAD_RECORDS = 40_000
 catch-up (40k records/s on 2 cores), as long as a group join takes, so the two end together and the
 replica holds no partition it cannot serve yet for long, whatever the catalog size."""
 
+INGEST_POLL_RECORDS = 512
+"""Records an ingest replica's follower applies per poll: about 10 ms of the event loop (parsing and int8 index
+upserts, median 8 ms here), so a catch-up of the whole topic holds the product lane's publishes and commits back
+by about that at a time."""
+
 FOLLOWER_TASK = "feature-follower"
 SNAPSHOT_TASK = "index-snapshot-writer"
 PARTITIONS_RETRY_S = 0.2
@@ -49,8 +61,17 @@ PARTITIONS_RETRY_S = 0.2
 
 class FeatureFollower:
     def __init__(
-        self, settings: Settings, index: FeatureIndex, model_id: str, lock: asyncio.Lock, metrics: ServiceMetrics | None = None
+        self,
+        settings: Settings,
+        index: FeatureIndex,
+        model_id: str,
+        lock: asyncio.Lock,
+        metrics: ServiceMetrics | None = None,
+        *,
+        poll_records: int = 4096,
     ) -> None:
+        """``model_id``: the encoder's (features of another model are skipped); it and the index's dtype and dim name the
+        snapshot file, so replicas of every role that share them share the file. ``poll_records``: most records per poll."""
         self.settings = settings
         self.metrics = metrics
         self.lock = lock
@@ -61,6 +82,8 @@ class FeatureFollower:
         self.snapshot_loaded = False
         self.snapshots_written = 0
         self.caught_up = False
+        self.poll_records = poll_records
+        self._started = False
         self.snapshot_file = (
             SnapshotFile(settings.index_snapshot_dir, settings.features_topic, model_id, index.dtype, index.dim)
             if settings.index_snapshot_dir
@@ -92,6 +115,7 @@ class FeatureFollower:
                 else:
                     await self._consumer.seek_to_beginning(tp)
             self._next = {tp: await self._consumer.position(tp) for tp in self._partitions}
+        self._started = True
 
     @property
     def _kafka(self) -> AIOKafkaConsumer:
@@ -203,7 +227,7 @@ class FeatureFollower:
         log.info("caught up with %s: %d products indexed", self.settings.features_topic, len(self.index))
 
     async def _poll(self, timeout_ms: int) -> None:
-        batches = await self._kafka.getmany(timeout_ms=timeout_ms, max_records=4096)
+        batches = await self._kafka.getmany(timeout_ms=timeout_ms, max_records=self.poll_records)
         if not batches:
             return
         fetched = [record for records in batches.values() for record in records]
@@ -231,6 +255,32 @@ class FeatureFollower:
         supervisor.start(FOLLOWER_TASK, self._follow, Policy.RESTART, reports_recovery=True)
         if self.snapshot_file is not None and self.settings.index_snapshot_interval_s > 0:
             supervisor.start(SNAPSHOT_TASK, self._write_snapshots, Policy.RESTART)
+
+    def follow_unattended(self, supervisor: Supervisor, connect: Callable[[Any], Awaitable[None]] | None = None) -> None:
+        """Start, catch up, write a snapshot (if ``INDEX_SNAPSHOT_INTERVAL_S`` > 0) and keep following, all as tasks of
+        ``supervisor`` (the ingest role: nothing waits for the index, and a failure is logged, counted and restarted
+        like the search role's follower, resuming after the last applied record); snapshots as ``run_in_background``."""
+        self._supervisor = supervisor
+        supervisor.start(FOLLOWER_TASK, lambda: self._start_and_follow(connect), Policy.RESTART, reports_recovery=True)
+        if self.snapshot_file is not None and self.settings.index_snapshot_interval_s > 0:
+            supervisor.start(SNAPSHOT_TASK, self._write_snapshots, Policy.RESTART)
+
+    async def _start_and_follow(self, connect: Callable[[Any], Awaitable[None]] | None) -> None:
+        supervisor = self._supervisor
+        assert supervisor is not None  # follow_unattended sets it before it starts this task
+        if not self._started:
+            if self._consumer is not None:
+                await self._consumer.stop()
+                self._consumer = None
+            await self.start(connect)
+        if not self.caught_up:
+            for tp, offset in self._next.items():
+                self._kafka.seek(tp, offset)
+            supervisor.recovered(FOLLOWER_TASK)
+            await self.catch_up(timeout=math.inf)
+            if self.settings.index_snapshot_interval_s > 0:
+                await self.write_snapshot()
+        await self._follow()
 
     async def _follow(self) -> None:
         """Poll forever from the offsets after the last applied records (re-seeked, so a restart after a
