@@ -135,7 +135,7 @@ class Settings(SecuritySettings, BaseSettings):
     reply_cache_size: Annotated[int, Field(ge=0)] = 10_000
     reply_cache_ttl_s: Annotated[float, Field(gt=0)] = 600.0
     reply_cache_max_bytes: Annotated[int, Field(ge=0)] = Field(
-        8 * 1024 * 1024, description="bytes of replies the reply cache holds at most (least recently used go first; 0: none)"
+        4 * 1024 * 1024, description="bytes of replies the reply cache holds at most (least recently used go first; 0: none)"
     )
     retry_backoff_s: Annotated[float, Field(gt=0)] = 2.0
     retry_backoff_max_s: Annotated[float, Field(gt=0)] = 10.0
