@@ -84,6 +84,14 @@ class IndexState:
     tombstones: dict[str, int]
 
 
+def _decode(raw: bytes) -> str:
+    """Text written by ``FeatureIndex._write_text`` (lone surrogates kept); anything else undecodable is replaced."""
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
 def _owned(array: np.ndarray) -> np.ndarray:
     flags = array.flags
     return array if flags.owndata and flags.writeable and flags.c_contiguous else array.copy()
@@ -242,8 +250,8 @@ class FeatureIndex:
         return ProductMeta(
             self._slot_ids[slot],
             int(self._versions[slot]),
-            text[start:split].tobytes().decode(errors="replace"),
-            text[split:end].tobytes().decode(errors="replace"),
+            _decode(text[start:split].tobytes()),
+            _decode(text[split:end].tobytes()),
             None if code == _NO_CATEGORY else self._category_names[code],
             None if math.isnan(price) else price,
         )
@@ -324,8 +332,8 @@ class FeatureIndex:
 
     def _write_text(self, slots: np.ndarray, chosen: list[ProductMeta]) -> None:
         """Append the names and descriptions of ``chosen`` to the text array for ``slots``; their previous text becomes garbage."""
-        names = [m.name.encode() for m in chosen]
-        descriptions = [m.description.encode() for m in chosen]
+        names = [m.name.encode("utf-8", "surrogatepass") for m in chosen]
+        descriptions = [m.description.encode("utf-8", "surrogatepass") for m in chosen]
         name_bytes = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
         description_bytes = np.fromiter(map(len, descriptions), dtype=np.int64, count=len(descriptions))
         sizes = name_bytes + description_bytes

@@ -81,7 +81,7 @@ def test_replace_in_place_and_stale_versions_ignored() -> None:
 
 def test_product_text_round_trips_and_rewrites_stay_bounded() -> None:
     index = FeatureIndex(DIM, initial_capacity=4)
-    texts = ["", "\u00e9\u6f22\U0001f600", "x" * 5000, "plain"]
+    texts = ["", "\u00e9\u6f22\U0001f600 \ud800", "x" * 5000, "plain"]
     for i, text in enumerate(texts):
         index.upsert(ProductMeta(f"p{i}", 1, text, text[::-1], "c", None), one_hot(i))
     for version in range(2, 800):
@@ -91,7 +91,7 @@ def test_product_text_round_trips_and_rewrites_stay_bounded() -> None:
     assert [index.get(f"p{i}") for i in range(2)] == [ProductMeta(f"p{i}", 1, t, t[::-1], "c", None) for i, t in enumerate(texts[:2])]
     assert index.get("p2") == ProductMeta("p2", 799, "y" * 3000, "v799", None, 1.5)
     assert index.get("p3") == ProductMeta("p3", 799, "", "", None, None)
-    live_text = sum(len(t.encode()) * 2 for t in texts[:2]) + 3000 + len(b"v799")
+    live_text = sum(len(t.encode("utf-8", "surrogatepass")) * 2 for t in texts[:2]) + 3000 + len(b"v799")
     assert index.state().text.shape[0] <= 2 * live_text + (1 << 20), "superseded text is never reclaimed"
 
 
