@@ -232,29 +232,41 @@ class FeatureIndex:
     def get(self, product_id: str) -> ProductMeta | None:
         """The live product's fields (a new object on every call), or None if absent or deleted."""
         slot = self._slots.get(product_id)
-        return None if slot is None else self._meta(slot)
+        return None if slot is None else self._metas([slot])[0]
 
     def version_of(self, product_id: str) -> int | None:
         """Version of the live product, or None if absent or deleted."""
         slot = self._slots.get(product_id)
         return None if slot is None else int(self._versions[slot])
 
-    def _meta(self, slot: int) -> ProductMeta:
-        """The fields of a live slot, decoded from the per-slot arrays and the text array."""
-        start = int(self._text_starts[slot])
-        split = start + int(self._name_bytes[slot])
-        end = split + int(self._description_bytes[slot])
-        text = self._text
-        code = int(self._categories[slot])
-        price = float(self._prices[slot])
-        return ProductMeta(
-            self._slot_ids[slot],
-            int(self._versions[slot]),
-            _decode(text[start:split].tobytes()),
-            _decode(text[split:end].tobytes()),
-            None if code == _NO_CATEGORY else self._category_names[code],
-            None if math.isnan(price) else price,
-        )
+    def _metas(self, slots: list[int]) -> list[ProductMeta]:
+        """The fields of live slots, decoded from the per-slot arrays and the text array."""
+        at = np.asarray(slots, dtype=np.intp)
+        starts = self._text_starts[at]
+        splits = starts + self._name_bytes[at]
+        ends = splits + self._description_bytes[at]
+        text = self._text.data
+        names = self._category_names
+        return [
+            ProductMeta(
+                product_id,
+                version,
+                _decode(bytes(text[start:split])),
+                _decode(bytes(text[split:end])),
+                None if code == _NO_CATEGORY else names[code],
+                None if math.isnan(price) else price,
+            )
+            for product_id, version, start, split, end, code, price in zip(
+                self._slot_ids[at].tolist(),
+                self._versions[at].tolist(),
+                starts.tolist(),
+                splits.tolist(),
+                ends.tolist(),
+                self._categories[at].tolist(),
+                self._prices[at].tolist(),
+                strict=True,
+            )
+        ]
 
     def upsert(self, meta: ProductMeta, feature: np.ndarray) -> bool:
         """Insert or replace a product; False (and no change) unless meta.version is newer.
@@ -427,7 +439,9 @@ class FeatureIndex:
             elif not alive.all():
                 mask = alive[None, :]
             topk.push(self._chunk_scores(queries, start, end), self._slot_ids[start:end], mask)
-        return [[(hit, self._meta(self._slots[hit.product_id])) for hit in hits] for hits in topk.results()]
+        results = topk.results()
+        metas = iter(self._metas([self._slots[hit.product_id] for hits in results for hit in hits]))
+        return [[(hit, next(metas)) for hit in hits] for hits in results]
 
     def _chunk_scores(self, queries: np.ndarray, start: int, end: int) -> np.ndarray:
         chunk = self._matrix[start:end]
