@@ -30,6 +30,9 @@ StorageDType = Literal["float32", "float16", "int8"]
 
 _GROWTH = 1.5
 _NO_CATEGORY = -1
+_WRITE_BLOCK_ROWS = 256
+"""Rows normalised and quantised at a time: temporaries stay small, below glibc's mmap threshold once it has adapted,
+so a bulk load leaves no heap fragments of per-call arrays behind."""
 _MIN_TEXT_GARBAGE = 1 << 20
 """Bytes of superseded text tolerated before the text array is compacted (also: at most as many as are live)."""
 
@@ -289,12 +292,15 @@ class FeatureIndex:
         Same result as upserting the rows in order (a later row of the same id wins if its
         version is newer), except that rows with a zero or non-finite norm are skipped and
         reported instead of raising. A wrong shape raises ValueError before any change.
-        Memory: one float64 copy of ``features`` while norms are taken, so callers chunk.
+        Memory: temporaries of at most ``_WRITE_BLOCK_ROWS`` rows at a time, whatever the batch size.
         """
         vectors = np.asarray(features, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(metas), self._dim):
             raise ValueError(f"features must have shape ({len(metas)}, {self._dim}), got {vectors.shape}")
-        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
+        norms = np.empty(len(metas), dtype=np.float64)
+        for start in range(0, len(metas), _WRITE_BLOCK_ROWS):
+            block = vectors[start : start + _WRITE_BLOCK_ROWS]
+            norms[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         valid = np.isfinite(norms) & (norms > 0)
         row_of_slot: dict[int, int] = {}
         invalid: list[str] = []
@@ -326,14 +332,16 @@ class FeatureIndex:
     def _write_rows(self, row_of_slot: dict[int, int], metas: Sequence[ProductMeta], vectors: np.ndarray, norms: np.ndarray) -> None:
         slots = np.fromiter(row_of_slot.keys(), dtype=np.intp, count=len(row_of_slot))
         rows = np.fromiter(row_of_slot.values(), dtype=np.intp, count=len(row_of_slot))
-        unit = vectors[rows] / norms[rows].astype(np.float32)[:, None]
-        if self._scales is not None:
-            scales = np.max(np.abs(unit), axis=1).astype(np.float64) / 127.0
-            quantised = np.clip(np.rint(unit / scales.astype(np.float32)[:, None]), -127, 127)
-            self._matrix[slots] = to_offset_uint8(quantised)
-            self._scales[slots] = scales
-        else:
-            self._matrix[slots] = unit
+        for start in range(0, len(rows), _WRITE_BLOCK_ROWS):
+            block_rows, block_slots = rows[start : start + _WRITE_BLOCK_ROWS], slots[start : start + _WRITE_BLOCK_ROWS]
+            unit = vectors[block_rows] / norms[block_rows].astype(np.float32)[:, None]
+            if self._scales is not None:
+                scales = np.max(np.abs(unit), axis=1).astype(np.float64) / 127.0
+                quantised = np.clip(np.rint(unit / scales.astype(np.float32)[:, None]), -127, 127)
+                self._matrix[block_slots] = to_offset_uint8(quantised)
+                self._scales[block_slots] = scales
+            else:
+                self._matrix[block_slots] = unit
         chosen = [metas[r] for r in rows.tolist()]
         self._categories[slots] = [self._category_code(m.category) for m in chosen]
         self._prices[slots] = [np.nan if m.price is None else m.price for m in chosen]

@@ -391,6 +391,20 @@ def test_upsert_many_equals_upserting_row_by_row(seed: int, dtype: str, n_ops: i
     assert [[(h.product_id, h.score) for h, _ in row] for row in bulk.search(queries, params)] == expected
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_large_upsert_many_stores_exactly_what_single_upserts_store(dtype: str) -> None:
+    rng = np.random.default_rng(5)
+    raw = rng.standard_normal((700, DIM)).astype(np.float32) * rng.uniform(0.1, 10, (700, 1)).astype(np.float32)
+    metas = [meta(f"p{i}") for i in range(700)]
+    bulk, single = FeatureIndex(DIM, dtype), FeatureIndex(DIM, dtype)  # type: ignore[arg-type]
+    bulk.upsert_many(metas, raw)
+    for m, row in zip(metas, raw, strict=True):
+        single.upsert(m, row)
+    a, b = bulk.state(), single.state()
+    assert np.array_equal(a.matrix, b.matrix)
+    assert (a.scales is None and b.scales is None) or np.array_equal(a.scales, b.scales)
+
+
 def test_upsert_many_rejects_a_wrong_shape_without_changing_anything() -> None:
     index = FeatureIndex(DIM)
     with pytest.raises(ValueError, match="shape"):
