@@ -1,9 +1,13 @@
-"""Memory of the feature index at catalog scale: build, snapshot write, snapshot restore.
+"""Memory of the feature index at catalog scale: build, snapshot write, snapshot restore, catch-up.
 
 Builds a ``FeatureIndex`` of ``--products`` products (``benchmarks.catalog`` fields, every string a
 fresh object as a features-topic record's parse makes it) in runs of 2,000 rows like the follower,
 then writes its snapshot and restores it in a fresh process. Reports RSS / anonymous memory (MB)
 before and after each step, and the peak RSS during the snapshot write (VmHWM, reset just before).
+``catch_up`` (another fresh process) replays a search replica's catch-up without the broker: features
+records as JSON bytes, parsed and applied in polls of 4,096 (``parse_feature_records``,
+``apply_feature_events``); its peak anonymous memory above the process before the index (sampled every
+2 ms), at the end, and after ``malloc_trim`` (what the follower then returns to the OS).
 
 ``--checkout DIR`` imports ``consumer`` from another checkout (e.g. ``git worktree add /tmp/base HEAD``),
 so a baseline and the working tree are measured by the same script:
@@ -102,6 +106,9 @@ def measure(products: int, dtype: str, dim: int, directory: str, checkout: str |
     command = [sys.executable, __file__, "--restore", directory, "--dtype", dtype, "--dim", str(dim)]
     child = subprocess.run([*command, *(["--checkout", checkout] if checkout else [])], check=True, capture_output=True, text=True)
     restored = json.loads(child.stdout.strip().splitlines()[-1])
+    catch_up = [sys.executable, __file__, "--catch-up", "--products", str(products), "--dtype", dtype, "--dim", str(dim)]
+    child = subprocess.run([*catch_up, *(["--checkout", checkout] if checkout else [])], check=True, capture_output=True, text=True)
+    report["catch_up"] = json.loads(child.stdout.strip().splitlines()[-1])
     if (restored_top := restored.pop("top")) != top:
         raise SystemExit(f"the restored index ranks differently from the one saved: {top[0]} vs {restored_top[0]}")
     report["restore"] = restored
@@ -133,6 +140,53 @@ def restore(directory: str, dtype: str, dim: int) -> dict[str, object]:
     }
 
 
+def catch_up(products: int, dtype: str, dim: int, poll: int = 4096) -> dict[str, object]:
+    import threading
+
+    from benchmarks.catalog import features, fields
+    from consumer.domain.codecs import encode_feature
+    from consumer.index.feature_index import FeatureIndex
+    from consumer.ops import memory
+    from consumer.pipeline.features import apply_feature_events, parse_feature_records
+    from schemas import ProductFeature
+
+    values = []
+    for start in range(0, products, 10_000):
+        block = features(min(10_000, products - start), dim=dim, seed=start)
+        for i, row in enumerate(block, start=start):
+            size, feature_b64 = encode_feature(row)
+            values.append(ProductFeature(model_id="m", dim=size, feature_b64=feature_b64, **fields(i)).model_dump_json().encode())
+    base = _memory()["anon"]
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], (memory.anon_bytes() or 0) / MB)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    index = FeatureIndex(dim, dtype)  # type: ignore[arg-type]
+    index.reserve(products)
+    for start in range(0, products, poll):
+        events, _ = parse_feature_records(values[start : start + poll])
+        apply_feature_events(index, events, "m")
+    seconds = round(time.perf_counter() - started, 2)
+    end = (memory.anon_bytes() or 0) / MB
+    done.set()
+    sampler.join()
+    trimmed = _memory()["anon"]
+    return {
+        "poll_records": poll,
+        "seconds": seconds,
+        "peak_anon_above_empty_mb": round(max(peak[0], end) - base, 1),
+        "end_anon_above_empty_mb": round(end - base, 1),
+        "trimmed_anon_above_empty_mb": round(trimmed - base, 1),
+        "products": len(index),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=100_000)
@@ -141,12 +195,16 @@ def main() -> None:
     parser.add_argument("--checkout", help="import consumer from this checkout instead")
     parser.add_argument("--out", type=Path, default=REPORT)
     parser.add_argument("--restore", help=argparse.SUPPRESS)
+    parser.add_argument("--catch-up", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if args.checkout:
         sys.path.insert(0, args.checkout)
     if args.restore:
         print(json.dumps(restore(args.restore, args.dtype, args.dim)))
+        return
+    if args.catch_up:
+        print(json.dumps(catch_up(args.products, args.dtype, args.dim)))
         return
     with tempfile.TemporaryDirectory() as directory:
         report = measure(args.products, args.dtype, args.dim, directory, args.checkout)
