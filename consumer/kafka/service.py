@@ -129,6 +129,7 @@ class Service:
         self.index_lock = asyncio.Lock()
         self.search_handler, self.product_handler = self._handlers()
         self.processor = BatchProcessor(settings, self.search_handler, self.product_handler)
+        self.metrics.reply_cache = self.processor.reply_cache
         self.follower: FeatureFollower | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None

@@ -63,6 +63,9 @@ async def test_catalog_searches_get_exactly_one_ranked_reply_each(service_factor
             assert sorted(r["request_id"] for r in replies) == sorted(f"burst-{n}" for n in range(50))
             assert all(r["status"] == "ok" and len(r["items"]) == 2 for r in replies)
             assert max(r["batch_size"] for r in replies) > 1, "requests were not micro-batched"
+            registry = service.metrics.registry
+            assert registry.get_sample_value("clip_search_reply_cache_entries") >= 50
+            assert 50 * 100 < registry.get_sample_value("clip_search_reply_cache_bytes") <= service.settings.reply_cache_max_bytes
 
         records = await read_topic_records(bootstrap, topics["reply_topic"])
         ids = [json.loads(r.value)["request_id"] for r in records]
