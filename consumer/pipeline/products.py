@@ -26,13 +26,17 @@ from consumer.pipeline.image_batches import DEFAULT_CHUNK, DEFAULT_DECODE_THREAD
 from schemas import ProductUpdated
 
 APPLY_CONCURRENCY = 8
-"""Store writes in flight at once while a batch is applied (each a round trip carrying the image bytes)."""
+"""Store deletes in flight at once while a batch is applied (upserts go in one bulk write per round)."""
 
 
 def product_text(update: ProductUpdated) -> str:
     """The text a product is encoded from when it has no image: name and description joined by '. '."""
     parts = [p.strip() for p in (update.name, update.description) if p and p.strip()]
     return ". ".join(parts)
+
+
+def _image_bytes(update: ProductUpdated) -> bytes | None:
+    return base64.b64decode(update.image_b64) if update.image_b64 else None
 
 
 def product_meta(update: ProductUpdated) -> ProductMeta:
@@ -58,7 +62,9 @@ RowsDone = Callable[[list[tuple[int, "np.ndarray | InputError"]]], Awaitable[Non
 
 
 class ProductStoreLike(Protocol):
-    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool: ...
+    async def upsert_many(
+        self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str, images: Sequence[bytes | None] | None = None
+    ) -> list[bool]: ...
 
     async def delete(self, product_id: str, version: int) -> bool: ...
 
@@ -192,20 +198,57 @@ class ProductHandler:
             await steps.abort()
 
     async def apply_all(self, items: Sequence[tuple[ProductUpdated, np.ndarray | None]]) -> list[bool]:
-        """``apply`` each item; items of different products run concurrently (at most ``APPLY_CONCURRENCY``
-        at once), those of one product in their order. The first failure cancels the rest and is raised."""
+        """Whether each item was applied, store first (the durable copy), then index; False when a same-or-newer
+        version is held.
+
+        Items go in rounds: round r holds the r-th item of every product, so one product's
+        items are applied in their order. A round's upserts are one bulk store write (one
+        round trip carrying their images) and its deletes run concurrently (at most
+        ``APPLY_CONCURRENCY``); the index follows for what the store applied. The first
+        failure cancels the round's other writes and is raised; later rounds do not start.
+        """
         results = [False] * len(items)
-        chains: dict[str, list[int]] = {}
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}
         for i, (update, _) in enumerate(items):
-            chains.setdefault(update.product_id, []).append(i)
+            r = seen.get(update.product_id, 0)
+            seen[update.product_id] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+        for rows in rounds:
+            stored = await self._store_round([items[i] for i in rows])
+            for i, ok in zip(rows, stored, strict=True):
+                results[i] = ok and self._apply_to_index(*items[i])
+        return results
+
+    async def _store_round(self, items: Sequence[tuple[ProductUpdated, np.ndarray | None]]) -> list[bool]:
+        """Store writes of items of distinct products; all True without a store."""
+        if self.store is None:
+            return [True] * len(items)
+        store = self.store
+        results = [False] * len(items)
+        upserts = [i for i, (u, _) in enumerate(items) if not u.deleted]
+        deletes = [i for i, (u, _) in enumerate(items) if u.deleted]
         slots = asyncio.Semaphore(APPLY_CONCURRENCY)
 
-        async def run(chain: list[int]) -> None:
+        async def delete(i: int) -> None:
             async with slots:
-                for i in chain:
-                    results[i] = await self.apply(*items[i])
+                results[i] = await store.delete(items[i][0].product_id, items[i][0].version)
 
-        tasks = [asyncio.ensure_future(run(chain)) for chain in chains.values()]
+        async def upsert_all() -> None:
+            rows = []
+            for i in upserts:
+                update, feature = items[i]
+                assert feature is not None  # only deletes have no feature (``encode``)
+                rows.append((product_meta(update), feature))
+            images = [_image_bytes(items[i][0]) for i in upserts]
+            for i, ok in zip(upserts, await store.upsert_many(rows, self.encoder.model_id, images), strict=True):
+                results[i] = ok
+
+        tasks = [asyncio.ensure_future(delete(i)) for i in deletes]
+        if upserts:
+            tasks.append(asyncio.ensure_future(upsert_all()))
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -215,17 +258,7 @@ class ProductHandler:
             raise
         return results
 
-    async def apply(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
-        """Store first (the durable copy), then index; False when a same-or-newer version is held."""
-        if self.store is not None:
-            if update.deleted:
-                stored = await self.store.delete(update.product_id, update.version)
-            else:
-                assert feature is not None  # only deletes have no feature (``encode``)
-                image = base64.b64decode(update.image_b64) if update.image_b64 else None
-                stored = await self.store.upsert(product_meta(update), feature, self.encoder.model_id, image)
-            if not stored:
-                return False
+    def _apply_to_index(self, update: ProductUpdated, feature: np.ndarray | None) -> bool:
         if self.index is None:
             return True
         if update.deleted:

@@ -115,14 +115,20 @@ class ProductStore:
         """
         return await self._apply(_upsert_write(meta, feature, model_id, image))
 
-    async def upsert_many(self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str) -> list[bool]:
+    async def upsert_many(
+        self, items: Sequence[tuple[ProductMeta, np.ndarray]], model_id: str, images: Sequence[bytes | None] | None = None
+    ) -> list[bool]:
         """Bulk `upsert` in one round trip (plus one per conflict); result i says whether items[i] was applied.
 
         The newest version of each id wins whatever order the server applies the
         batch in; an item superseded by a newer one in the same batch may still
-        report True (it was applied, then replaced).
+        report True (it was applied, then replaced). ``images[i]``, when given, is
+        item i's image bytes (as ``upsert``'s ``image``).
         """
-        writes = [_upsert_write(meta, feature, model_id) for meta, feature in items]
+        if images is not None and len(images) != len(items):
+            raise ValueError(f"{len(images)} images for {len(items)} items")
+        pictures = images if images is not None else [None] * len(items)
+        writes = [_upsert_write(meta, feature, model_id, image) for (meta, feature), image in zip(items, pictures, strict=True)]
         if not writes:
             return []
         applied = [True] * len(writes)

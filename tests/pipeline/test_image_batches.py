@@ -14,7 +14,6 @@ import pytest
 from consumer.domain.errors import InvalidImage
 from consumer.encoder.encoder import Encoder
 from consumer.encoder.images import ImageLimits
-from consumer.index.feature_index import ProductMeta
 from consumer.pipeline.image_batches import encode_images
 from consumer.pipeline.products import APPLY_CONCURRENCY, ProductHandler
 from schemas import ProductUpdated
@@ -134,60 +133,74 @@ def update(pid: str, version: int) -> ProductUpdated:
     return ProductUpdated(product_id=pid, version=version, name=pid)
 
 
-class SlowStore:
-    """Upserts that wait until released; records order, concurrency, and can fail one product."""
+class BulkStore:
+    """Bulk upserts and deletes recorded per call; deletes wait until released; can fail one product's write."""
 
     def __init__(self, fail: str | None = None) -> None:
-        self.order: list[tuple[str, int]] = []
-        self.in_flight = 0
+        self.calls: list[list[tuple[str, int, bytes | None]]] = []
+        self.deletes_in_flight = 0
         self.peak = 0
         self.fail = fail
         self.cancelled = 0
         self.release = asyncio.Event()
         self.full = asyncio.Event()
 
-    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        if self.in_flight == APPLY_CONCURRENCY:
+    async def upsert_many(self, items, model_id: str, images=None) -> list[bool]:
+        if any(meta.product_id == self.fail for meta, _ in items):
+            raise ConnectionError("store went away")
+        self.calls.append(
+            [(meta.product_id, meta.version, image) for (meta, _), image in zip(items, images or [None] * len(items), strict=True)]
+        )
+        return [True] * len(items)
+
+    async def delete(self, product_id: str, version: int) -> bool:
+        self.deletes_in_flight += 1
+        self.peak = max(self.peak, self.deletes_in_flight)
+        if self.deletes_in_flight == APPLY_CONCURRENCY:
             self.full.set()
         try:
-            if meta.product_id == self.fail:
-                raise ConnectionError("store went away")
             await self.release.wait()
-            self.order.append((meta.product_id, meta.version))
+            self.calls.append([(product_id, -version, None)])
             return True
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
         finally:
-            self.in_flight -= 1
-
-    async def delete(self, product_id: str, version: int) -> bool:
-        raise AssertionError
+            self.deletes_in_flight -= 1
 
     async def get_versions(self, ids):
         return {}
 
 
-async def test_store_writes_run_concurrently_across_products_and_in_order_within_one():
-    store = SlowStore()
+async def test_each_round_of_upserts_is_one_bulk_write_and_a_product_s_versions_keep_their_order():
+    store = BulkStore()
     handler = ProductHandler(Encoder(Backend(), "fake"), None, ImageLimits(), store=store)
     items = [(update(f"p{i % 12}", i), np.ones(DIM, dtype=np.float32)) for i in range(24)]
+    items[5] = (ProductUpdated(product_id="p5", version=5, name="p5", image_b64="aW1hZ2U="), items[5][1])
+    assert await handler.apply_all(items) == [True] * 24
+    assert [len(call) for call in store.calls] == [12, 12]
+    assert [(pid, v) for pid, v, _ in store.calls[0]] == [(f"p{i}", i) for i in range(12)]
+    assert [(pid, v) for pid, v, _ in store.calls[1]] == [(f"p{i}", i + 12) for i in range(12)]
+    assert store.calls[0][5][2] == b"image" and store.calls[0][4][2] is None, "the image bytes go with their upsert"
+
+
+async def test_deletes_run_concurrently_up_to_the_bound():
+    store = BulkStore()
+    handler = ProductHandler(Encoder(Backend(), "fake"), None, ImageLimits(), store=store)
+    items = [(ProductUpdated(product_id=f"d{i}", version=2, deleted=True), None) for i in range(12)]
     applying = asyncio.ensure_future(handler.apply_all(items))
     await asyncio.wait_for(store.full.wait(), 30)
     store.release.set()
-    assert await applying == [True] * 24
+    assert await applying == [True] * 12
     assert store.peak == APPLY_CONCURRENCY
-    for pid in {p for p, _ in store.order}:
-        versions = [v for p, v in store.order if p == pid]
-        assert versions == sorted(versions) and len(versions) == 2
 
 
-async def test_a_failing_store_write_raises_itself_and_cancels_the_rest():
-    store = SlowStore(fail="p3")
+async def test_a_failing_store_write_raises_itself_cancels_the_round_and_starts_no_later_round():
+    store = BulkStore(fail="p3")
     handler = ProductHandler(Encoder(Backend(), "fake"), None, ImageLimits(), store=store)
     items = [(update(f"p{i}", 1), np.ones(DIM, dtype=np.float32)) for i in range(6)]
+    items += [(ProductUpdated(product_id=f"d{i}", version=2, deleted=True), None) for i in range(3)]
+    items += [(update("p0", 2), np.ones(DIM, dtype=np.float32))]
     with pytest.raises(ConnectionError, match="store went away"):
         await handler.apply_all(items)
-    assert store.order == [] and store.in_flight == 0 and store.cancelled == 5
+    assert store.calls == [] and store.deletes_in_flight == 0 and store.cancelled == 3

@@ -35,19 +35,19 @@ class TextAndVision(Backend):
 
 
 class RecordingStore:
-    """Upserts recorded in order; ``written`` is set (thread-safely) at the first one; can fail one product."""
+    """Writes recorded in order; ``written`` is set (thread-safely) at the first one; can fail one product's write."""
 
     def __init__(self, fail: str | None = None) -> None:
         self.order: list[tuple[str, int]] = []
         self.written = threading.Event()
         self.fail = fail
 
-    async def upsert(self, meta: ProductMeta, feature: np.ndarray, model_id: str, image: bytes | None = None) -> bool:
-        if meta.product_id == self.fail:
+    async def upsert_many(self, items: list[tuple[ProductMeta, np.ndarray]], model_id: str, images=None) -> list[bool]:
+        if any(meta.product_id == self.fail for meta, _ in items):
             raise ConnectionError("store went away")
-        self.order.append((meta.product_id, meta.version))
+        self.order.extend((meta.product_id, meta.version) for meta, _ in items)
         self.written.set()
-        return True
+        return [True] * len(items)
 
     async def delete(self, product_id: str, version: int) -> bool:
         self.order.append((product_id, -version))

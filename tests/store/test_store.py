@@ -189,6 +189,16 @@ async def test_upsert_many(store: ProductStore) -> None:
     }
 
 
+async def test_upsert_many_keeps_each_item_s_image(store: ProductStore) -> None:
+    f = unit(np.random.default_rng(4), 3)
+    items = [(meta(pid, 1), f[i]) for i, pid in enumerate(("i1", "i2", "i3"))]
+    assert await store.upsert_many(items, "old-model", [b"jpeg-1", None, b"jpeg-3"]) == [True] * 3
+    kept = {m.product_id: image async for m, image in store.iter_stale_model_products(MODEL)}
+    assert kept == {"i1": b"jpeg-1", "i2": None, "i3": b"jpeg-3"}
+    with pytest.raises(ValueError, match="2 images for 3 items"):
+        await store.upsert_many(items, MODEL, [b"a", b"b"])
+
+
 async def test_delete_tombstone(store: ProductStore) -> None:
     f = unit(np.random.default_rng(3))[0]
     assert await store.upsert(meta("d", 1), f, MODEL)
