@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -574,6 +575,17 @@ print(json.dumps({{n: {{"text_single_ms": round(statistics.median(text[n]) * 100
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ingest_interleaved(runs: dict[str, Run], start_id: int, rounds: int = 3) -> dict[str, dict]:
+    """``ROLE=ingest`` bursts of every family in turns (round-robin, ``rounds`` times), so machine noise hits all alike:
+    each family's images/s per round and their median."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for k, (name, run) in enumerate(runs.items()):
+            result, _ = ingest_scenario(run, start_id + (r * len(runs) + k) * (run.images + 1))
+            rates[name].append(result["image_updates_per_s"])
+    return {name: {"rates": values, "median": statistics.median(values)} for name, values in rates.items()}
+
+
 def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: int, phase: float, images: int, cache: str) -> dict:
     """One family end to end: a measured export into ``cache`` (empty), then ROLE=search, ingest and all on a small catalog."""
     from consumer.tools import model_builder
@@ -587,16 +599,15 @@ def family_run(name: str, bootstrap: str, mongo_uri: str, logs: Path, products: 
     with TreePeak() as tree:
         onnx_dir = export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
     out: dict = {"hub_id": hub_id, "dim": dim, "onnx_dir": str(onnx_dir), "export": {"peak": tree.result()}}
+    out["run"] = run = Run(bootstrap, mongo_uri, model_dir, logs, phase, images, products, f"fam-{name}", {"MODEL_CACHE_DIR": cache})
     print(f"[{name}] export: {out['export']}", flush=True)
-    prefix = f"fam-{name}"
-    run = Run(bootstrap, mongo_uri, model_dir, logs, phase, images, products, prefix, {"MODEL_CACHE_DIR": cache})
-    asyncio.run(create_bench_topics(bootstrap, prefix, FAMILY_SCENARIOS))
-    out["catalog_write"] = asyncio.run(write_catalog(products, model_dir + "#onnx-int8", bootstrap, mongo_uri, prefix, dim))
+    asyncio.run(create_bench_topics(bootstrap, run.prefix, FAMILY_SCENARIOS))
+    out["catalog_write"] = asyncio.run(write_catalog(products, model_dir + "#onnx-int8", bootstrap, mongo_uri, run.prefix, dim))
     out["text_encode"] = text_encode_ms(Path(onnx_dir))
     out["search"], _ = search_scenario(run, None, restart=False)
     out["ingest"], _ = ingest_scenario(run, products)
     out["all"], _ = all_scenario(run, products + 10 * images)
-    print(f"[{name}] {json.dumps(family_figures(out))}", flush=True)
+    print(f"[{name}] {json.dumps(family_figures({k: v for k, v in out.items() if k != 'run'}))}", flush=True)
     return out
 
 
@@ -705,10 +716,17 @@ def main() -> int:
                         print(f"[{name}] FAILED: {exc!r}; see {logs}/fam-{name}-*.log", flush=True)
                         report["families"][name] = {"error": repr(exc)}
                 exported = {name: fam.pop("onnx_dir") for name, fam in report["families"].items() if "onnx_dir" in fam}
+                runs = {name: fam.pop("run") for name, fam in report["families"].items() if "run" in fam}
                 if exported:
                     for name, towers in towers_interleaved(exported).items():
                         report["families"][name]["towers"] = towers
                     print(f"towers, interleaved: {json.dumps({n: f.get('towers') for n, f in report['families'].items()})}", flush=True)
+                if len(runs) > 1:
+                    for name, rounds in ingest_interleaved(runs, fam_products + 100 * images).items():
+                        report["families"][name]["ingest_rounds"] = rounds
+                    print(
+                        f"ingest, interleaved: {json.dumps({n: f.get('ingest_rounds') for n, f in report['families'].items()})}", flush=True
+                    )
 
     if not args.families_only:
         report["fidelity"] = fidelity(model_dir, Path(onnx_dir), 2000 if args.quick else 5000)

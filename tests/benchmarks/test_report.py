@@ -139,6 +139,16 @@ def test_interleaved_tower_times_take_precedence_over_each_family_run() -> None:
     assert worst_ratio(fam, base) == 1.02
 
 
+def test_interleaved_ingest_rounds_take_precedence_over_each_family_run(report: dict) -> None:
+    fams = report["families"]
+    fams["vit-b-32"]["ingest_rounds"] = {"rates": [19.0, 20.0, 24.0], "median": 20.0}
+    fams["tinyclip-vit-40m-32"]["ingest_rounds"] = {"rates": [41.0, 44.0, 39.0], "median": 41.0}
+    speed = rows_by_figure(report)["TinyCLIP 40M/32 image updates/s, ROLE=ingest, x OpenAI B/32"]
+    assert (speed["measured"], speed["met"]) == (2.05, True)
+    fams["tinyclip-vit-40m-32"]["ingest_rounds"]["median"] = 39.0
+    assert not rows_by_figure(report)["TinyCLIP 40M/32 image updates/s, ROLE=ingest, x OpenAI B/32"]["met"]
+
+
 def test_missing_sections_leave_rows_out(report: dict) -> None:
     del report["families"]
     figures = rows_by_figure(report)
