@@ -42,14 +42,15 @@ CACHE = REPO / ".cache"
 REPORTS = REPO / "benchmarks" / "reports"
 
 
-def prepare_model() -> tuple[str, str]:
-    """(model dir, model id) of the int8 ViT-B/32-shaped random CLIP, exported into .cache/ if not yet."""
+def prepare_model(size: str = "vit-b-32") -> tuple[str, str]:
+    """(model dir, model id) of the int8 random CLIP of ``size`` (a ``model_builder`` size or family), exported into
+    .cache/ if not yet."""
     from consumer.app import onnx_dir_for
     from consumer.config.settings import Settings
     from consumer.tools.model_builder import build_random_clip
     from consumer.tools.onnx_export import export_in_subprocess
 
-    model_dir = str(build_random_clip(CACHE / "models" / "vit-b-32", size="vit-b-32"))
+    model_dir = str(build_random_clip(CACHE / "models" / size, size=size))
     settings = Settings(clip_model=model_dir, model_cache_dir=str(CACHE), _env_file=None)
     export_in_subprocess(model_dir, onnx_dir_for(settings), quantize="int8")
     return model_dir, model_dir + "#onnx-int8"
@@ -84,8 +85,15 @@ class Service(ServiceProcess):
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the service process so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_s(self.proc.pid)
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads); 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def base_env(bootstrap: str, model_dir: str, name: str) -> dict[str, str]:
@@ -109,8 +117,11 @@ def base_env(bootstrap: str, model_dir: str, name: str) -> dict[str, str]:
     }
 
 
-def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, images: int, role: str, logs: Path) -> dict:
-    """Images/s of ``ROLE=role`` (``ingest`` or ``all``) for a burst of ``images`` image updates, store included."""
+def ingest_rate(
+    repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, images: int, role: str, logs: Path, others: dict[str, int | None]
+) -> dict:
+    """Images/s of ``ROLE=role`` (``ingest`` or ``all``) for a burst of ``images`` image updates, store included;
+    CPU ms per image of the service and of each process in ``others`` (name -> pid), and the mean batch size."""
     from producer_examples.client import publish
 
     name = f"ingest-{uuid.uuid4().hex[:8]}"
@@ -130,6 +141,8 @@ def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, imag
     try:
         ready = svc.ready_after()
         cpu = svc.cpu_s()
+        other_cpu = {name: cpu_s(pid) for name, pid in others.items()}
+        batches = (metric(svc.port, "clip_search_batch_size_sum"), metric(svc.port, "clip_search_batch_size_count"))
         started = time.monotonic()
         asyncio.run(publish(bootstrap, env["PRODUCT_UPDATES_TOPIC"], updates, key_field="product_id"))
         while svc.applied() < images:
@@ -138,6 +151,9 @@ def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, imag
             time.sleep(0.05)
         seconds = time.monotonic() - started
         cpu = svc.cpu_s() - cpu
+        other_cpu = {name: cpu_s(pid) - before for (name, pid), before in zip(others.items(), other_cpu.values(), strict=True)}
+        records = metric(svc.port, "clip_search_batch_size_sum") - batches[0]
+        count = metric(svc.port, "clip_search_batch_size_count") - batches[1]
     finally:
         svc.stop()
     return {
@@ -146,6 +162,8 @@ def ingest_rate(repo: Path, bootstrap: str, mongo_uri: str, model_dir: str, imag
         "seconds": round(seconds, 2),
         "images_per_s": round(images / seconds, 1),
         "service_cpu_ms_per_image": round(cpu / images * 1000, 1),
+        **{f"{name}_cpu_ms_per_image": round(value / images * 1000, 1) for name, value in other_cpu.items()},
+        "mean_batch_size": round(records / count, 1) if count else None,
         "load_average_1m": os.getloadavg()[0],
         "ready_s": round(ready, 2),
     }
@@ -177,12 +195,13 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`) measured alike")
     parser.add_argument("--roles", default="ingest,all")
     parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--model", default="vit-b-32", help="a model_builder size or family (default: OpenAI B/32 shapes)")
     parser.add_argument("--out", type=Path, default=REPORTS / "ingest_speed.json")
     args = parser.parse_args()
     checkouts = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     logs = args.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    model_dir, model_id = prepare_model()
+    model_dir, model_id = prepare_model(args.model)
     report: dict = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -201,8 +220,9 @@ def main() -> int:
         for _ in range(args.repeats):
             for label, repo in checkouts.items():
                 for role in [r for r in args.roles.split(",") if r]:
+                    others = {"store": mongo.pid, "broker": broker.pid}
                     row = {"checkout": label, "measure": "ingest"} | ingest_rate(
-                        repo, broker.bootstrap, mongo.uri, model_dir, args.images, role, logs
+                        repo, broker.bootstrap, mongo.uri, model_dir, args.images, role, logs, others
                     )
                     print(json.dumps(row), flush=True)
                     report["runs"].append(row)

@@ -36,14 +36,8 @@ def get_readyz(port: int) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-async def test_a_failed_follower_is_reported_restarted_from_its_offsets_and_recovers(
-    settings_for, store_settings, broker, topics, monkeypatch, caplog
-):
-    first, second = TEXT_PRODUCTS[0], TEXT_PRODUCTS[1]
-    ingest = build_service(settings_for(**store_settings, role=Role.INGEST))
-    search = build_service(
-        settings_for(role=Role.SEARCH, retry_backoff_s=0.5, retry_backoff_max_s=1.0, metrics_host="127.0.0.1", metrics_port=free_port())
-    )
+def fail_feature_apply_once(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Make the follower's next apply of feature records raise RuntimeError("boom") once; the event is set then."""
     failed = asyncio.Event()
     apply = feature_follower.apply_feature_events
 
@@ -53,10 +47,22 @@ async def test_a_failed_follower_is_reported_restarted_from_its_offsets_and_reco
             raise RuntimeError("boom")
         return apply(index, events, model_id)
 
+    monkeypatch.setattr(feature_follower, "apply_feature_events", fails_once)
+    return failed
+
+
+async def test_a_failed_follower_is_reported_restarted_from_its_offsets_and_recovers(
+    settings_for, store_settings, broker, topics, monkeypatch, caplog
+):
+    first, second = TEXT_PRODUCTS[0], TEXT_PRODUCTS[1]
+    ingest = build_service(settings_for(**store_settings, role=Role.INGEST))
+    search = build_service(
+        settings_for(role=Role.SEARCH, retry_backoff_s=0.5, retry_backoff_max_s=1.0, metrics_host="127.0.0.1", metrics_port=free_port())
+    )
     async with running(ingest), running(search), health_server(search.settings, search) as health:
         assert await asyncio.to_thread(get_readyz, health.port) == (200, {"ready": True})
         assert search.metrics.registry.get_sample_value("clip_search_ready") == 1
-        monkeypatch.setattr(feature_follower, "apply_feature_events", fails_once)
+        failed = fail_feature_apply_once(monkeypatch)
         await publish(broker.bootstrap, topics["product_updates_topic"], [first], key_field="product_id")
         await asyncio.wait_for(failed.wait(), 30)
         reason = "background task feature-follower failed: RuntimeError('boom'); restarting in 0.5 s"

@@ -18,10 +18,10 @@ import yaml
 from consumer.app import build_service, readiness, start_service
 from consumer.config.settings import Role, Settings
 from consumer.index.snapshot import Snapshot, SnapshotFile
-from consumer.kafka import feature_follower
 from consumer.kafka.service import Service
 from producer_examples.client import SearchClient, product_text, publish
 from tests.conftest import feature_records, products_encoded, running, wait_for
+from tests.kafka.test_follower_supervision import fail_feature_apply_once
 from tests.kafka_tools import read_topic_records
 from tests.system.test_end_to_end import TEXT_PRODUCTS
 
@@ -146,16 +146,7 @@ async def test_a_failed_ingest_follower_is_reported_and_restarted_while_the_prod
     ingest = build_service(
         settings_for(**store_settings, role=Role.INGEST, index_snapshot_dir=str(tmp_path), retry_backoff_s=0.5, retry_backoff_max_s=1.0)
     )
-    failed = asyncio.Event()
-    apply = feature_follower.apply_feature_events
-
-    def fails_once(index, events, model_id):
-        if not failed.is_set():
-            failed.set()
-            raise RuntimeError("boom")
-        return apply(index, events, model_id)
-
-    monkeypatch.setattr(feature_follower, "apply_feature_events", fails_once)
+    failed = fail_feature_apply_once(monkeypatch)
     await start_service(ingest)
     async with running(ingest, start=False):
         await publish(broker.bootstrap, topics["product_updates_topic"], TEXT_PRODUCTS, key_field="product_id")
