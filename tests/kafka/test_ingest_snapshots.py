@@ -97,7 +97,8 @@ async def test_a_first_search_replica_starts_from_the_snapshot_the_ingest_replic
         end = await topic_end(broker.bootstrap, topics["features_topic"])
         assert sum(end.values()) == len(TEXT_PRODUCTS)
         snapshot = await snapshot_at(file, end)
-        assert writes(ingest) >= 1 and await readiness(ingest) is None
+        await wait_for(lambda: writes(ingest) >= 1, what="the snapshot counted (the file is renamed into place first)")
+        assert await readiness(ingest) is None
     assert sorted(snapshot.state.ids) == sorted(p["product_id"] for p in TEXT_PRODUCTS)
 
     search = build_service(settings_for(**layout, role=Role.SEARCH))
@@ -131,6 +132,7 @@ async def test_ingest_is_ready_before_its_follower_caught_up_which_then_writes_a
         follower_blocked.release()
         snapshot = await snapshot_at(snapshot_file(ingest), {0: len(before)})
         assert sorted(snapshot.state.ids) == [p["product_id"] for p in before]
+        await wait_for(lambda: writes(ingest) >= 1, what="the snapshot counted (the file is renamed into place first)")
         assert writes(ingest) == 1, "the catch-up wrote one snapshot at once (the 300 s interval had not passed)"
 
         await publish(broker.bootstrap, topics["product_updates_topic"], [later], key_field="product_id")
