@@ -83,7 +83,7 @@ def build_encoder(settings: Settings) -> Encoder:
         check_export_fits(settings, out)
         log.info("exporting %s to ONNX (%s) in %s; one-time, in a child process", settings.clip_model, quantize, out)
         export_in_subprocess(settings.clip_model, out, quantize=quantize, min_cosine=min_cosine)
-    backend = OnnxBackend(str(out), settings.torch_num_threads)
+    backend = OnnxBackend(str(out), settings.torch_num_threads, vision_threads=settings.vision_tower_threads)
     vision = (backend.manifest.get("towers") or {}).get("vision") or {}
     used = vision.get("quantization", quantize["vision"])
     suffix = "" if used == "none" else f"#onnx-{used}"

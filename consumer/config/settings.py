@@ -80,6 +80,13 @@ class Settings(SecuritySettings, BaseSettings):
     torch_num_threads: Annotated[int, Field(ge=1)] | None = Field(
         None, description="intra-op threads of the encoder (torch or ONNX Runtime); default: one per core"
     )
+    vision_threads: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="intra-op threads of the ONNX vision tower; default: TORCH_NUM_THREADS, or 1 with ROLE=all"
+    )
+    image_work_nice: Annotated[int, Field(ge=0, le=19)] | None = Field(
+        None,
+        description="nice value of the threads that decode and encode product images; default: 10 with ROLE=all (searches first), else 0",
+    )
     encoder_backend: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx: ONNX Runtime, exported once from CLIP_MODEL, no torch in the serving process"
     )
@@ -172,6 +179,20 @@ class Settings(SecuritySettings, BaseSettings):
     def tower_quantization(self) -> dict[str, Literal["int8", "none"]]:
         """The quantization each tower is exported with: ``ONNX_QUANTIZE_TEXT`` / ``_VISION``, else ``ONNX_QUANTIZE``."""
         return {"text": self.onnx_quantize_text or self.onnx_quantize, "vision": self.onnx_quantize_vision or self.onnx_quantize}
+
+    @property
+    def vision_tower_threads(self) -> int | None:
+        """``VISION_THREADS``, else 1 with ROLE=all (the other core stays free for searches), else ``TORCH_NUM_THREADS``."""
+        if self.vision_threads is not None:
+            return self.vision_threads
+        return 1 if self.role is Role.ALL else self.torch_num_threads
+
+    @property
+    def image_threads_nice(self) -> int:
+        """``IMAGE_WORK_NICE``, else 10 with ROLE=all (searches preempt product images), else 0."""
+        if self.image_work_nice is not None:
+            return self.image_work_nice
+        return 10 if self.role is Role.ALL else 0
 
     @property
     def ingest_snapshots(self) -> bool:

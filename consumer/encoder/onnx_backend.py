@@ -156,7 +156,8 @@ class OnnxVisionTower(_OrtTower):
 class OnnxBackend:
     """``Backend`` over an ``onnx_export`` directory.
 
-    ``threads``: intra-op threads per session (None: onnxruntime's default, one per core).
+    ``threads``: intra-op threads per session (None: onnxruntime's default, one per core);
+    ``vision_threads`` overrides it for the vision tower.
     ``max_batch``: rows per session run (8 bounds a 77-token text batch's activations at ~30 MB
     with no measurable throughput loss). ``arena``: ORT's CPU arena (lower peak than plain
     malloc here, see benchmarks/onnx_levers.py); ``arena_shrink`` returns the arena's free
@@ -171,6 +172,7 @@ class OnnxBackend:
         onnx_dir: str,
         threads: int | None = None,
         *,
+        vision_threads: int | None = None,
         max_batch: int = 8,
         arena: bool = True,
         arena_shrink: bool = True,
@@ -180,6 +182,7 @@ class OnnxBackend:
             raise ValueError("max_batch must be >= 1")
         self.onnx_dir = Path(onnx_dir)
         self.threads = threads
+        self.vision_threads = vision_threads or threads
         self.manifest = read_manifest(self.onnx_dir)
         self._tower_kw = {"max_batch": max_batch, "arena": arena, "arena_shrink": arena_shrink, "mmap": mmap}
         self.preprocess: ImagePreprocess = manifest_preprocess(self.manifest)
@@ -192,4 +195,4 @@ class OnnxBackend:
         return OnnxTextTower(self.onnx_dir, self.manifest, self.threads, **self._tower_kw)
 
     def load_vision(self) -> OnnxVisionTower:
-        return OnnxVisionTower(self.onnx_dir, self.manifest, self.threads, **self._tower_kw)
+        return OnnxVisionTower(self.onnx_dir, self.manifest, self.vision_threads, **self._tower_kw)

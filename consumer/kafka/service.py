@@ -170,6 +170,7 @@ class Service:
             store=self.store,
             before_apply=self._publish_features if ingest else None,
             on_encoded=lambda kind, n: self.metrics.product_encodes.labels(kind).inc(n),
+            image_nice=s.image_threads_nice,
         )
         return search, products
 

@@ -12,6 +12,9 @@ Nothing here knows about Kafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -32,9 +35,16 @@ ChunkDone = Callable[[list[tuple[int, "np.ndarray | InputError"]]], Awaitable[No
 """Told each chunk's results as soon as they exist; the next chunk's encode waits for it to return."""
 
 
-def decode_pool(threads: int = DEFAULT_DECODE_THREADS) -> ThreadPoolExecutor:
-    """The executor image decodes run on: ``threads`` workers (idle ones cost nothing but their stacks)."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-decode")
+def decode_pool(threads: int = DEFAULT_DECODE_THREADS, nice: int = 0) -> ThreadPoolExecutor:
+    """The executor image decodes and encodes run on: ``threads`` workers (idle ones cost nothing but their stacks),
+    each at ``nice`` (Linux: a thread's own priority; the OS then runs search threads first when both want a core)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-work", initializer=_lower_priority, initargs=(nice,))
+
+
+def _lower_priority(nice: int) -> None:
+    if nice > 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _decode_or_error(decode: Decode, data: str) -> np.ndarray | InputError:
@@ -57,12 +67,14 @@ async def encode_images(
     executor: Executor,
     chunk: int = DEFAULT_CHUNK,
     on_chunk: ChunkDone | None = None,
+    encode_executor: Executor | None = None,
 ) -> list[tuple[int, np.ndarray | InputError]]:
     """``(row, embedding or InputError)`` for every ``(row, base64)`` of ``images``, in their order.
 
     Decoding of the next chunk overlaps encoding of the current one; the decodes of one chunk
     run in parallel on ``executor``. ``on_chunk`` gets each chunk's results (in order) before
-    the next chunk is encoded; it should only start work, not wait for it. Cancellation waits
+    the next chunk is encoded; it should only start work, not wait for it. Encodes run on
+    ``encode_executor`` (None: the loop's default executor). Cancellation waits
     for nothing: a decode or encode already running in a thread finishes there and its result
     is dropped.
     """
@@ -84,7 +96,7 @@ async def encode_images(
                 stacked = np.stack([p for _, p in decoded if not isinstance(p, InputError)])
                 errors: list[tuple[int, np.ndarray | InputError]] = [(row, p) for row, p in decoded if isinstance(p, InputError)]
                 del decoded
-                emb = await asyncio.to_thread(encoder.encode_images, stacked)
+                emb = await asyncio.get_running_loop().run_in_executor(encode_executor, encoder.encode_images, stacked)
                 del stacked
                 embedded = dict(zip(rows, emb, strict=True))
                 decoded = errors

@@ -80,6 +80,7 @@ class ProductHandler:
     gets each run of encoded outcomes before any of them is stored (the ingest role publishes
     the features there, so a crash in between re-encodes rather than loses an update).
     ``on_encoded(input, n)`` is told of every ``n`` products encoded from ``input`` ("text" or "image").
+    Images are decoded on ``decode_threads`` threads and encoded on one more, all at nice ``image_nice``.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class ProductHandler:
         on_encoded: Callable[[str, int], None] | None = None,
         decode_threads: int = DEFAULT_DECODE_THREADS,
         image_chunk: int = DEFAULT_CHUNK,
+        image_nice: int = 0,
     ) -> None:
         self.encoder = encoder
         self.index = index
@@ -100,8 +102,10 @@ class ProductHandler:
         self.before_apply = before_apply
         self.on_encoded = on_encoded
         self.decode_threads = decode_threads
+        self.image_nice = image_nice
         self.image_chunk = image_chunk
         self._decoder: ThreadPoolExecutor | None = None
+        self._image_encoder: ThreadPoolExecutor | None = None
         self.encoded_images = 0
         """Images encoded so far: the service returns freed heap to the OS after a batch that had any."""
 
@@ -147,6 +151,7 @@ class ProductHandler:
                 self._decode_executor(),
                 self.image_chunk,
                 on_rows,
+                self._encode_executor(),
             )
             for i, result in decoded:
                 out[i] = result
@@ -160,8 +165,13 @@ class ProductHandler:
 
     def _decode_executor(self) -> Executor:
         if self._decoder is None:
-            self._decoder = decode_pool(self.decode_threads)
+            self._decoder = decode_pool(self.decode_threads, self.image_nice)
         return self._decoder
+
+    def _encode_executor(self) -> Executor:
+        if self._image_encoder is None:
+            self._image_encoder = decode_pool(1, self.image_nice)
+        return self._image_encoder
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:
         """One outcome per update, in order; stale updates are skipped before any encoding.

@@ -24,6 +24,25 @@ def test_environment_overrides(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "env, threads, nice",
+    [
+        ({"ROLE": "all", "TORCH_NUM_THREADS": "2"}, 1, 10),
+        ({"ROLE": "ingest", "TORCH_NUM_THREADS": "2"}, 2, 0),
+        ({"ROLE": "search"}, None, 0),
+        ({"ROLE": "all", "VISION_THREADS": "2", "IMAGE_WORK_NICE": "0"}, 2, 0),
+        ({"ROLE": "ingest", "VISION_THREADS": "1", "IMAGE_WORK_NICE": "5"}, 1, 5),
+    ],
+)
+def test_image_work_yields_to_searches_in_role_all_unless_told_otherwise(monkeypatch, env, threads, nice):
+    for var in ("TORCH_NUM_THREADS", "VISION_THREADS", "IMAGE_WORK_NICE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    s = load_settings(_env_file=None)
+    assert (s.vision_tower_threads, s.image_threads_nice) == (threads, nice)
+
+
+@pytest.mark.parametrize(
     "var, value, named",
     [
         ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE"),

@@ -159,6 +159,13 @@ def test_batches_and_order_do_not_change_embeddings(exports: dict[str, Path]) ->
     np.testing.assert_allclose(one_batch, reversed_, atol=1e-5)
 
 
+def test_vision_threads_apply_to_the_vision_tower_only(exports: dict[str, Path]) -> None:
+    backend = OnnxBackend(str(exports["int8"]), 2, vision_threads=1)
+    assert backend.load_vision().session.get_session_options().intra_op_num_threads == 1
+    assert backend.load_text().session.get_session_options().intra_op_num_threads == 2
+    assert OnnxBackend(str(exports["int8"]), 2).load_vision().session.get_session_options().intra_op_num_threads == 2
+
+
 def test_vision_rejects_wrong_shape(exports: dict[str, Path]) -> None:
     tower = OnnxBackend(str(exports["none"])).load_vision()
     with pytest.raises(ValueError, match="pixels must be"):

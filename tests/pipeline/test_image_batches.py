@@ -4,6 +4,7 @@ store writes of a batch concurrent across products, ordered within one."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ import pytest
 from consumer.domain.errors import InvalidImage
 from consumer.encoder.encoder import Encoder
 from consumer.encoder.images import ImageLimits
-from consumer.pipeline.image_batches import encode_images
+from consumer.pipeline.image_batches import decode_pool, encode_images
 from consumer.pipeline.products import APPLY_CONCURRENCY, ProductHandler
 from schemas import ProductUpdated
 
@@ -127,6 +128,32 @@ async def test_next_chunk_is_decoded_while_the_current_one_is_encoded(pool):
     out = await encode_images(Encoder(backend, "fake"), [(i, f"img-{i}") for i in range(4)], decode, pool, chunk=2)
     assert len(out) == 4
     assert seen == [True, True]
+
+
+async def test_image_threads_run_at_the_given_nice_and_encodes_on_their_own_executor():
+    decodes, encodes = decode_pool(2, nice=7), decode_pool(1, nice=7)
+    seen: list[tuple[str, int]] = []
+
+    def where() -> tuple[str, int]:
+        return str(threading.get_native_id()), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def decode(data: str) -> np.ndarray:
+        seen.append(("decode", *where()))
+        return pixels_of(data)
+
+    backend = Backend()
+    backend.vision.before_encode = lambda batch: seen.append(("encode", *where()))
+    try:
+        out = await encode_images(Encoder(backend, "fake"), [(i, f"img-{i}") for i in range(4)], decode, decodes, 2, None, encodes)
+    finally:
+        decodes.shutdown()
+        encodes.shutdown()
+    assert len(out) == 4
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert {(kind, nice) for kind, _, nice in seen} == {("decode", min(19, base + 7)), ("encode", min(19, base + 7))}
+    encode_threads = {name for kind, name, _ in seen if kind == "encode"}
+    decode_threads = {name for kind, name, _ in seen if kind == "decode"}
+    assert len(encode_threads) == 1 and not encode_threads & decode_threads
 
 
 def update(pid: str, version: int) -> ProductUpdated:
