@@ -34,12 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.catalog import fields, publish_features
-from benchmarks.run import ServiceProcess, metric, wait_http
-from devservices import MongoServer, TansuBroker, create_topics, free_port
-
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache"
-REPORTS = REPO / "benchmarks" / "reports"
+from benchmarks.run import CACHE, REPO, REPORTS, ServiceProcess, metric, process_env, wait_http
+from devservices import MongoServer, TansuBroker, create_topics
 
 
 def prepare_model(size: str = "vit-b-32") -> tuple[str, str]:
@@ -97,23 +93,13 @@ def cpu_s(pid: int | None) -> float:
 
 
 def base_env(bootstrap: str, model_dir: str, name: str) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "CLIP_MODEL": model_dir,
-        "MODEL_CACHE_DIR": str(CACHE),
+    return process_env(bootstrap, model_dir, log_level="INFO") | {
         "PRODUCT_UPDATES_TOPIC": f"{name}-updates",
         "SEARCH_REQUESTS_TOPIC": f"{name}-requests",
         "REPLY_TOPIC": f"{name}-replies",
         "DEAD_LETTER_TOPIC": f"{name}-dead-letters",
         "CONSUMER_GROUP_ID": f"{name}-search",
         "INGEST_GROUP_ID": f"{name}-ingest",
-        "KAFKA_SESSION_TIMEOUT_MS": "1500",
-        "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
-        "METRICS_HOST": "127.0.0.1",
-        "METRICS_PORT": str(free_port()),
-        "TORCH_NUM_THREADS": "2",
-        "MALLOC_ARENA_MAX": "2",
-        "LOG_LEVEL": "INFO",
     }
 
 

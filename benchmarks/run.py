@@ -262,21 +262,29 @@ print(json.dumps({{"query_mean_cosine_int8_vs_fp32": cos, "query_recall_at_10_in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def process_env(bootstrap: str, model_dir: str, log_level: str = "WARNING") -> dict[str, str]:
+    """What every benchmarked ``python -m consumer`` gets: the broker, the model, quick group timeouts, a fresh
+    metrics port, 2 encoder threads and 2 malloc arenas."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CLIP_MODEL": model_dir,
+        "MODEL_CACHE_DIR": str(CACHE),
+        "KAFKA_SESSION_TIMEOUT_MS": "1500",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(free_port()),
+        "TORCH_NUM_THREADS": "2",
+        "MALLOC_ARENA_MAX": "2",
+        "LOG_LEVEL": log_level,
+    }
+
+
 def service_env(bootstrap: str, model_dir: str, scenario: str, prefix: str = "bench", **extra: str) -> dict[str, str]:
     return (
         scenario_topics(scenario, prefix)
+        | process_env(bootstrap, model_dir)
         | {
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "CLIP_MODEL": model_dir,
-            "MODEL_CACHE_DIR": str(CACHE),
             "CONSUMER_GROUP_ID": f"{prefix}-{scenario}",
-            "KAFKA_SESSION_TIMEOUT_MS": "1500",
-            "KAFKA_HEARTBEAT_INTERVAL_MS": "250",
-            "METRICS_HOST": "127.0.0.1",
-            "METRICS_PORT": str(free_port()),
-            "TORCH_NUM_THREADS": "2",
-            "MALLOC_ARENA_MAX": "2",
-            "LOG_LEVEL": "WARNING",
             "FEATURE_DTYPE": "int8",
             "MAX_BATCH_SIZE": "32",
             "MAX_BATCH_WAIT_MS": "5",

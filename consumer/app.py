@@ -20,7 +20,6 @@ from consumer.encoder.encoder import Encoder
 from consumer.encoder.extras import EXPORT_MODULES, TORCH_BACKEND_MODULES, missing_extra
 from consumer.encoder.manifest import embedding_dim
 from consumer.index.feature_index import FeatureIndex
-from consumer.kafka.feature_follower import INGEST_POLL_RECORDS, FeatureFollower
 from consumer.kafka.service import Service
 from consumer.ops import log_summary
 from consumer.ops.health import HealthServer
@@ -140,22 +139,6 @@ def build_service(settings: Settings, encoder: Encoder | None = None) -> Service
     return Service(settings, encoder, index, store=build_store(settings))
 
 
-async def start_service(service: Service) -> None:
-    """``service.start()``, then an ingest replica's snapshot follower (``Settings.ingest_snapshots``) in the background.
-
-    The follower runs as tasks of ``service.supervisor`` (``FeatureFollower.follow_unattended``) and is
-    ``service.follower``, so ``service.close`` stops it and writes the last snapshot.
-    """
-    await service.start()
-    s = service.settings
-    if s.ingest_snapshots and service.index is not None and service.follower is None:
-        follower = FeatureFollower(
-            s, service.index, service.encoder.model_id, service.index_lock, service.metrics, poll_records=INGEST_POLL_RECORDS
-        )
-        service.follower = follower
-        follower.follow_unattended(service.supervisor)
-
-
 async def readiness(service: Service, timeout_s: float = 2.0) -> str | None:
     """None when ``service`` can serve, else why not: a failed background task, broker unreachable, store unreachable,
     a search replica's index not caught up, no partitions assigned.
@@ -227,7 +210,7 @@ async def serve(settings: Settings) -> int:
     started = asyncio.Event()
 
     async def start_and_run() -> None:
-        await start_service(service)
+        await service.start()
         started.set()
         await service.run()
 

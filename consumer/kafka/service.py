@@ -47,7 +47,7 @@ from consumer.encoder.encoder import Encoder
 from consumer.encoder.images import ImageLimits
 from consumer.index.feature_index import FeatureIndex
 from consumer.kafka.clients import make_consumer, make_producer, start_kafka_client
-from consumer.kafka.feature_follower import FeatureFollower
+from consumer.kafka.feature_follower import INGEST_POLL_RECORDS, FeatureFollower
 from consumer.kafka.partition_pauses import PartitionPauses
 from consumer.kafka.transport import publish_all, publish_each
 from consumer.ops.memory import release_memory
@@ -195,7 +195,11 @@ class Service:
         }[s.role]
 
     async def start(self) -> None:
-        """Connect, bring the catalog up to date for the role, and join the consumer group."""
+        """Connect, bring the catalog up to date for the role, and join the consumer group.
+
+        An ingest replica that writes snapshots (``Settings.ingest_snapshots``) then starts its follower in the
+        background (``FeatureFollower.follow_unattended``): nothing here waits for it.
+        """
         s = self.settings
         if not s.lazy_load_model:
             towers = ("text",) if s.role is Role.SEARCH else ("text", "vision")
@@ -207,6 +211,11 @@ class Service:
         if s.role is Role.SEARCH and self.index is not None:
             await self._start_follower()
         await self._join_group()
+        if s.ingest_snapshots and self.index is not None and self.follower is None:
+            self.follower = FeatureFollower(
+                s, self.index, self.encoder.model_id, self.index_lock, self.metrics, poll_records=INGEST_POLL_RECORDS
+            )
+            self.follower.follow_unattended(self.supervisor)
         group = s.ingest_group_id if s.role is Role.INGEST else s.consumer_group_id
         log.info("consuming %s as group %s (role=%s)", self.topics, group, s.role.value)
 

@@ -35,7 +35,7 @@ ChunkDone = Callable[[list[tuple[int, "np.ndarray | InputError"]]], Awaitable[No
 """Told each chunk's results as soon as they exist; the next chunk's encode waits for it to return."""
 
 
-def decode_pool(threads: int = DEFAULT_DECODE_THREADS, nice: int = 0) -> ThreadPoolExecutor:
+def image_pool(threads: int = DEFAULT_DECODE_THREADS, nice: int = 0) -> ThreadPoolExecutor:
     """The executor image decodes and encodes run on: ``threads`` workers (idle ones cost nothing but their stacks),
     each at ``nice`` (Linux: a thread's own priority; the OS then runs search threads first when both want a core)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-work", initializer=_lower_priority, initargs=(nice,))

@@ -22,7 +22,7 @@ from consumer.encoder.encoder import Encoder
 from consumer.encoder.images import ImageLimits, pixels_from_base64
 from consumer.index.feature_index import FeatureIndex, ProductMeta
 from consumer.pipeline.encoding import encode_rows
-from consumer.pipeline.image_batches import DEFAULT_CHUNK, DEFAULT_DECODE_THREADS, decode_pool, encode_images
+from consumer.pipeline.image_batches import DEFAULT_CHUNK, DEFAULT_DECODE_THREADS, encode_images, image_pool
 from schemas import ProductUpdated
 
 APPLY_CONCURRENCY = 8
@@ -165,12 +165,12 @@ class ProductHandler:
 
     def _decode_executor(self) -> Executor:
         if self._decoder is None:
-            self._decoder = decode_pool(self.decode_threads, self.image_nice)
+            self._decoder = image_pool(self.decode_threads, self.image_nice)
         return self._decoder
 
     def _encode_executor(self) -> Executor:
         if self._image_encoder is None:
-            self._image_encoder = decode_pool(1, self.image_nice)
+            self._image_encoder = image_pool(1, self.image_nice)
         return self._image_encoder
 
     async def handle(self, updates: Sequence[ProductUpdated]) -> list[ProductOutcome]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumer.app import build_service, readiness, start_service
+from consumer.app import build_service, readiness
 from consumer.config.settings import Role, Settings
 from consumer.index.snapshot import Snapshot, SnapshotFile
 from consumer.kafka.service import Service
@@ -90,7 +90,7 @@ async def test_a_first_search_replica_starts_from_the_snapshot_the_ingest_replic
     layout = {"index_snapshot_dir": str(tmp_path), "feature_dtype": "int8"}
     ingest = build_service(settings_for(**store_settings, **layout, role=Role.INGEST, index_snapshot_interval_s=0.2))
     file = snapshot_file(ingest)
-    await start_service(ingest)
+    await ingest.start()
     async with running(ingest, start=False):
         await publish(broker.bootstrap, topics["product_updates_topic"], TEXT_PRODUCTS, key_field="product_id")
         await wait_for(lambda: products_encoded(ingest) == len(TEXT_PRODUCTS), what="the updates applied")
@@ -124,7 +124,7 @@ async def test_ingest_is_ready_before_its_follower_caught_up_which_then_writes_a
     ingest = build_service(settings_for(**store_settings, role=Role.INGEST, index_snapshot_dir=str(tmp_path)))
     follower_blocked = ingest.index_lock
     await follower_blocked.acquire()
-    await start_service(ingest)
+    await ingest.start()
     async with running(ingest, start=False):
         follower = ingest.follower
         assert follower is not None
@@ -149,7 +149,7 @@ async def test_a_failed_ingest_follower_is_reported_and_restarted_while_the_prod
         settings_for(**store_settings, role=Role.INGEST, index_snapshot_dir=str(tmp_path), retry_backoff_s=0.5, retry_backoff_max_s=1.0)
     )
     failed = fail_feature_apply_once(monkeypatch)
-    await start_service(ingest)
+    await ingest.start()
     async with running(ingest, start=False):
         await publish(broker.bootstrap, topics["product_updates_topic"], TEXT_PRODUCTS, key_field="product_id")
         await asyncio.wait_for(failed.wait(), 30)

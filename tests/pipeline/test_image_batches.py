@@ -1,5 +1,5 @@
 """Image ingest: parallel decode overlapped with chunked encode, order and per-item errors kept, memory bounded;
-store writes of a batch concurrent across products, ordered within one."""
+bulk store writes per round of a batch, a product's updates in their order; image threads at their nice value."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from consumer.domain.errors import InvalidImage
 from consumer.encoder.encoder import Encoder
 from consumer.encoder.images import ImageLimits
-from consumer.pipeline.image_batches import decode_pool, encode_images
+from consumer.pipeline.image_batches import encode_images, image_pool
 from consumer.pipeline.products import APPLY_CONCURRENCY, ProductHandler
 from schemas import ProductUpdated
 
@@ -131,7 +131,7 @@ async def test_next_chunk_is_decoded_while_the_current_one_is_encoded(pool):
 
 
 async def test_image_threads_run_at_the_given_nice_and_encodes_on_their_own_executor():
-    decodes, encodes = decode_pool(2, nice=7), decode_pool(1, nice=7)
+    decodes, encodes = image_pool(2, nice=7), image_pool(1, nice=7)
     seen: list[tuple[str, int]] = []
 
     def where() -> tuple[str, int]:
